@@ -1,0 +1,154 @@
+"""`build()`: the one path from a recipe (plus overrides) to a compiled artifact.
+
+The CLI, `recipec launch` and Python users all go through here, so a recipe
+compiles the same way everywhere:
+
+    load -> overlays -> dotted overrides -> Python overrides
+         -> structure -> validate -> derive -> plan -> fingerprint
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path as FsPath
+from typing import Any
+
+import attrs
+
+from .errors import Problem, RecipeError, UnknownKeyError
+from .loader import load, resolve
+from .overrides import apply_overlays, apply_python, apply_strings
+from .plan import Plan, make_plan, plan_to_dict
+from .render import config_to_dict, fingerprint, resolved_toml
+from .schema import RecipeConfig, derive
+from .sources import Source, describe_chain, display_path
+from .structure import field_of, structure
+from .tree import Tree, set_leaf
+from .validate import validate
+
+ARTIFACT_VERSION = 1
+
+
+@attrs.frozen
+class Compiled:
+    """A validated recipe: frozen config, plan, provenance and fingerprint."""
+
+    config: RecipeConfig
+    plan: Plan
+    tree: Tree
+    warnings: tuple[str, ...]
+    fingerprint: str
+    artifact_dir: str
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def override(self, *overrides: str, **python: Any) -> Compiled:
+        """Recompile with more dotted overrides and/or Python values; re-validates everything."""
+        tree = apply_strings(self.tree, overrides, kind="python") if overrides else self.tree
+        if python:
+            tree = apply_python(tree, python)
+        return compile_tree(tree, artifact_dir=self.artifact_dir)
+
+    def explain(self, key: str) -> str:
+        """Value, provenance chain, default and help of one dotted key."""
+        path = tuple(key.split("."))
+        field = field_of(path)
+        if field is None:
+            raise RecipeError.of([Problem(UnknownKeyError, f"no key `{key}` in the schema", key=key,
+                                          hint="`recipec schema` lists every key")])
+        value: Any = self.config
+        for part in path:
+            value = value.get(part) if isinstance(value, dict) else getattr(value, part)
+        chain = self.tree.chains.get(path, ())
+        origin = describe_chain(chain) if chain else (
+            f"derived: {field.metadata['derived']}" if field.metadata.get("derived") else "default")
+        default = field.default.factory() if isinstance(field.default, attrs.Factory) else field.default  # type: ignore[attr-defined]
+        lines = [
+            f"{key} = {value!r}",
+            f"  set by:  {origin}",
+            f"  default: {default!r}",
+            f"  help:    {field.metadata.get('help', '')}",
+        ]
+        if field.metadata.get("choices"):
+            lines.append(f"  allowed: {', '.join(map(repr, field.metadata['choices']))}")
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        """plan.json: what the runtime reads (it never parses TOML)."""
+        return json.dumps(
+            {
+                "artifact_version": ARTIFACT_VERSION,
+                "fingerprint": self.fingerprint,
+                "config": config_to_dict(self.config),
+                "plan": plan_to_dict(self.plan),
+                "warnings": list(self.warnings),
+            },
+            indent=2,
+            sort_keys=True,
+        ) + "\n"
+
+    def to_toml(self) -> str:
+        return resolved_toml(self.config, self.tree, header=f"recipec resolved recipe {self.name}\nfingerprint {self.fingerprint}")
+
+    def write(self, out_dir: str | FsPath | None = None) -> FsPath:
+        """Write resolved.toml, plan.json and launch.sh into the build directory."""
+        from .scripts import launch_script
+
+        directory = FsPath(out_dir or self.artifact_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "resolved.toml").write_text(self.to_toml())
+        (directory / "plan.json").write_text(self.to_json())
+        script = directory / "launch.sh"
+        script.write_text(launch_script(self))
+        script.chmod(0o755)
+        return directory
+
+
+def build(
+    recipe: str | FsPath,
+    overrides: Sequence[str] = (),
+    *,
+    overlays: Sequence[str] = (),
+    python: Mapping[str, Any] | None = None,
+    artifact_dir: str | None = None,
+) -> Compiled:
+    """Compile a recipe file or bundled name; raises RecipeError on any user mistake."""
+    path = resolve(recipe)
+    tree = load(path)
+    if not _set_in(tree, ("name",), path):
+        tree = set_leaf(tree, ("name",), path.stem, Source("derived", detail="recipe file name"))
+    tree = apply_overlays(tree, overlays)
+    tree = apply_strings(tree, overrides)
+    if python:
+        tree = apply_python(tree, python)
+    return compile_tree(tree, artifact_dir=artifact_dir)
+
+
+def _set_in(tree: Tree, path: tuple[str, ...], file: FsPath) -> bool:
+    """Whether the top recipe file itself set `path` (parents' names are not inherited)."""
+    source = tree.source(path)
+    return source is not None and source.file == display_path(file)
+
+
+def compile_tree(tree: Tree, *, artifact_dir: str | None = None) -> Compiled:
+    raw, problems = structure(tree)
+    if raw is None:
+        raise RecipeError.of(problems)
+    findings = validate(raw, tree)
+    if findings.errors:
+        raise RecipeError.of(findings.errors)
+    config = derive(raw)
+    artifact = artifact_dir or f"build/{config.name}"
+    plan = make_plan(config, tree, artifact)
+    digest = fingerprint(config_to_dict(config), plan_to_dict(plan))
+    return Compiled(config, plan, tree, findings.warnings, digest, artifact)
+
+
+def from_config(config: RecipeConfig, *, artifact_dir: str | None = None) -> Compiled:
+    """Compile a RecipeConfig made or evolved in Python (attrs.evolve); re-runs every check."""
+    return compile_tree(apply_python(Tree(), {
+        f.name: getattr(config, f.name) for f in attrs.fields(RecipeConfig)
+    }), artifact_dir=artifact_dir)

@@ -1,0 +1,138 @@
+"""The `recipec` command line. Every user mistake: a message and exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from .api import Compiled, build
+from .errors import RecipeError
+
+USER_ERROR = 2
+
+
+def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn RecipeError into a clean message on stderr and exit 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except RecipeError as exc:
+            click.echo(f"recipec: error: {exc}", err=True)
+            sys.exit(USER_ERROR)
+
+    return wrapper
+
+
+def _compile(recipe: str, overrides: tuple[str, ...], files: tuple[str, ...], out: str | None = None) -> Compiled:
+    compiled = build(recipe, overrides, overlays=files, artifact_dir=out)
+    for warning in compiled.warnings:
+        click.echo(f"recipec: warning: {warning}", err=True)
+    return compiled
+
+
+def _summary(compiled: Compiled) -> str:
+    c, p = compiled.config, compiled.plan
+    par = c.parallel
+    mem = p.memory_gib
+    return "\n".join([
+        f"{c.name}: {p.params_total / 1e9:.3g}B params ({p.params_active / 1e9:.3g}B active), "
+        f"seq {c.model.seq_length}, {c.launch.nodes} node(s) x {c.launch.gpus_per_node} = {p.world_size} ranks",
+        f"  layout   TP {par.tensor_model_parallel_size} x PP {par.pipeline_model_parallel_size} x "
+        f"CP {par.context_parallel_size} x DP {p.data_parallel_size}"
+        + (f", EP {par.expert_model_parallel_size}" if c.model.is_moe else ""),
+        f"  batch    global {c.train.global_batch_size} = micro {c.train.micro_batch_size} x "
+        f"{p.microbatches_per_step} microbatches x DP {p.data_parallel_size}; {p.tokens_per_step:,} tokens/step",
+        f"  compute  {p.flops_per_step / 1e15:.4g} PFLOP/step (Megatron formula)",
+        f"  memory   ~{mem['total']} GiB/GPU (weights {mem['weights']}, grads {mem['gradients']}, "
+        f"optimizer {mem['optimizer']}, activations {mem['activations']}) on {p.accelerator}",
+        f"  run      {p.command_line(0)}",
+        f"  fingerprint {compiled.fingerprint}",
+    ])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="recipec")
+def main() -> None:
+    """Compile TOML training recipes for Megatron-Core and launch them."""
+
+
+_overrides = click.argument("overrides", nargs=-1)
+_files = click.option("-f", "--file", "files", multiple=True, metavar="FILE", help="TOML overlay, applied in order.")
+
+
+@main.command("build")
+@click.argument("recipe")
+@_overrides
+@_files
+@click.option("-o", "--out", metavar="DIR", help="Build directory (default build/<name>).")
+@click.option("--format", "fmt", type=click.Choice(["summary", "toml", "json"]), default="summary",
+              help="What to print: a summary, the resolved TOML, or plan.json.")
+@_user_errors
+def build_cmd(recipe: str, overrides: tuple[str, ...], files: tuple[str, ...], out: str | None, fmt: str) -> None:
+    """Compile RECIPE with OVERRIDES (key=value, +key=value, ~key); write resolved.toml, plan.json, launch.sh."""
+    compiled = _compile(recipe, overrides, files, out)
+    directory = compiled.write(out)
+    if fmt == "toml":
+        click.echo(compiled.to_toml(), nl=False)
+    elif fmt == "json":
+        click.echo(compiled.to_json(), nl=False)
+    else:
+        click.echo(_summary(compiled))
+        click.echo(f"  wrote    {directory}/resolved.toml, plan.json, launch.sh")
+
+
+@main.command()
+@click.argument("recipe")
+@click.argument("key")
+@_overrides
+@_files
+@_user_errors
+def explain(recipe: str, key: str, overrides: tuple[str, ...], files: tuple[str, ...]) -> None:
+    """Show KEY of RECIPE: value, where it was set, default and help."""
+    click.echo(_compile(recipe, overrides, files).explain(key))
+
+
+@main.command()
+@click.argument("recipe_a")
+@click.argument("recipe_b")
+@_user_errors
+def diff(recipe_a: str, recipe_b: str) -> None:
+    """Keys whose resolved values differ between two recipes."""
+    from .render import config_to_dict
+    from .tree import leaves
+
+    a, b = (dict(leaves(config_to_dict(build(r).config))) for r in (recipe_a, recipe_b))
+    rows = [(".".join(k), a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k != ("name",)]
+    if not rows:
+        click.echo("no differences")
+    width = max((len(r[0]) for r in rows), default=0)
+    for key, left, right in rows:
+        click.echo(f"{key:<{width}}  {left!r}  ->  {right!r}")
+
+
+@main.command("list")
+@_user_errors
+def list_cmd() -> None:
+    """The bundled recipes, grouped by family."""
+    from .library import library_table
+
+    click.echo(library_table())
+
+
+@main.command()
+def schema() -> None:
+    """JSON Schema of the recipe format (for editor completion and checking)."""
+    from .jsonschema import recipe_json_schema
+
+    click.echo(json.dumps(recipe_json_schema(), indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Overrides applied after the recipe: overlay files, dotted strings, Python values.
+
+Dotted strings read like Hydra's: `train.train_iters=100` sets a schema key,
+`+launch.env.NCCL_DEBUG=INFO` adds a key to a free-form table (and is accepted on
+any schema key), `~optimizer.min_lr` unsets a key so its default applies again.
+Values parse as TOML values; a bare word that is not TOML is a string.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import attrs
+
+from .errors import OverrideError, Problem, RecipeError
+from .loader import load
+from .sources import Source
+from .structure import field_of
+from .tree import Path, Tree, merge, set_leaf, unset
+
+_OVERRIDE = re.compile(r"^(?P<op>[+~]?)(?P<key>[A-Za-z_][A-Za-z0-9_\-]*(?:\.[A-Za-z0-9_\-]+)*)(?:=(?P<value>.*))?$", re.S)
+_BARE = re.compile(r"^[A-Za-z0-9_\-./:@,%]+$")
+
+
+def parse_value(text: str) -> Any:
+    """A TOML value, or the text itself when it is a bare word such as `foo` or `a/b.txt`."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        if _BARE.match(text):
+            return text
+        raise
+
+
+def apply_overlays(tree: Tree, files: Iterable[str]) -> Tree:
+    for file in files:
+        tree = merge(tree, load(file, kind="overlay"))
+    return tree
+
+
+def apply_strings(tree: Tree, overrides: Iterable[str], *, kind: str = "cli") -> Tree:
+    """Apply dotted override strings in order; all malformed ones are reported together."""
+    problems: list[Problem] = []
+    for text in overrides:
+        source = Source(kind, detail=text)  # type: ignore[arg-type]
+        match = _OVERRIDE.match(text.strip())
+        if not match:
+            problems.append(Problem(OverrideError, f"cannot read override {text!r}", source=source,
+                                    hint="write key=value (train.train_iters=100), +key=value or ~key"))
+            continue
+        op, key, raw = match.group("op"), match.group("key"), match.group("value")
+        path: Path = tuple(key.split("."))
+        if op == "~":
+            if raw is not None:
+                problems.append(Problem(OverrideError, f"`~{key}` unsets a key and takes no value", key=key, source=source,
+                                        hint=f"write ~{key}"))
+                continue
+            tree = unset(tree, path)
+            continue
+        if raw is None:
+            problems.append(Problem(OverrideError, f"override {text!r} has no value", key=key, source=source,
+                                    hint=f"write {key}=VALUE, or ~{key} to reset it to its default"))
+            continue
+        try:
+            value = parse_value(raw)
+        except tomllib.TOMLDecodeError as exc:
+            problems.append(Problem(OverrideError, f"value {raw!r} is not a TOML value ({exc})", key=key, source=source,
+                                    hint='quote strings with spaces: key="a b"; lists: key=["a","b"]'))
+            continue
+        if op != "+" and not tree.has(path) and _is_free_table_entry(path):
+            problems.append(Problem(OverrideError, f"`{key}` is not in this recipe", key=key, source=source,
+                                    hint=f"add a new entry with +{key}={raw}"))
+            continue
+        tree = set_leaf(tree, path, value, source)
+    if problems:
+        raise RecipeError.of(problems)
+    return tree
+
+
+def _is_free_table_entry(path: Path) -> bool:
+    parent = field_of(path[:-1]) if len(path) > 1 else None
+    return parent is not None and field_of(path) is parent
+
+
+def apply_python(tree: Tree, changes: Mapping[str, Any]) -> Tree:
+    """Python-side overrides: `{"train": {"train_iters": 20}}`, `{"train.train_iters": 20}`
+    or a whole section object (`{"model": ModelConfig(...)}`), which replaces that table."""
+    for key, value in changes.items():
+        path: Path = tuple(key.split("."))
+        source = Source("python", detail=key)
+        if attrs.has(type(value)):
+            table = {k: v for k, v in _asdict(value).items() if v is not None}
+            tree = unset(tree, path)
+            tree = set_leaf(tree, path, table, source)
+        elif isinstance(value, Mapping):
+            for sub, sub_value in value.items():
+                tree = apply_python(tree, {f"{key}.{sub}": sub_value})
+        else:
+            tree = set_leaf(tree, path, _plain(value), source)
+    return tree
+
+
+def _asdict(obj: Any) -> dict[str, Any]:
+    return {k: _plain(v) for k, v in attrs.asdict(obj, recurse=False).items()}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    return value

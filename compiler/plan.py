@@ -1,0 +1,123 @@
+"""The launch plan: everything the runtime and launcher need, derived once.
+
+World size, data-parallel size, microbatches, tokens per step, parameter
+counts, FLOPs per step, the memory estimate, the per-node torchrun command and
+the environment. A plan whose memory estimate exceeds the accelerator is
+refused here, with the numbers, rather than after a job queues.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+import attrs
+
+from .errors import Problem, ValidationError
+from .estimate import GIB, active_params, estimate_memory, flops_per_step, stage_params, total_params
+from .hardware import ACCELERATORS
+from .schema import RecipeConfig
+from .tree import Tree
+from .validate import world_size
+
+RUNTIME_MODULE = "recipec.runtime.train"
+
+
+@attrs.frozen
+class Plan:
+    world_size: int
+    data_parallel_size: int
+    microbatches_per_step: int
+    tokens_per_step: int
+    padded_vocab_size: int
+    params_total: int
+    params_active: int
+    params_per_stage: tuple[int, ...]
+    flops_per_step: int
+    memory_gib: dict[str, float]
+    accelerator: str
+    peak_tflops: float
+    node_commands: tuple[tuple[str, ...], ...]
+    env: dict[str, str]
+
+    def command_line(self, node_rank: int = 0) -> str:
+        return shlex.join(self.node_commands[min(node_rank, len(self.node_commands) - 1)])
+
+
+def performance_env(c: RecipeConfig) -> dict[str, str]:
+    """Environment every rank gets; derived from the layout, then the recipe's own launch.env."""
+    env: dict[str, str] = {"OMP_NUM_THREADS": "1" if c.launch.accelerator != "cpu" else str(max(1, 2 // c.launch.gpus_per_node))}
+    if c.launch.accelerator != "cpu":
+        env["TORCH_NCCL_AVOID_RECORD_STREAMS"] = "1"
+        env["NCCL_NVLS_ENABLE"] = "0"
+        p = c.parallel
+        if p.tensor_model_parallel_size > 1 or p.context_parallel_size > 1:
+            # Orders TP/CP communication kernels before the compute they overlap with.
+            env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+        if c.precision.fp8:
+            env["NVTE_FUSED_ATTN"] = "1"
+    env.update(c.launch.env)
+    return dict(sorted(env.items()))
+
+
+def torchrun_command(c: RecipeConfig, artifact: str, node_rank: str | int) -> tuple[str, ...]:
+    launch = c.launch
+    return (
+        "torchrun",
+        f"--nnodes={launch.nodes}",
+        f"--nproc-per-node={launch.gpus_per_node}",
+        f"--node-rank={node_rank}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={launch.master_addr}:{launch.master_port}",
+        f"--rdzv-id={c.name}",
+        f"--max-restarts={launch.max_restarts}",
+        "-m", RUNTIME_MODULE,
+        "--artifact", artifact,
+    )
+
+
+def make_plan(c: RecipeConfig, tree: Tree, artifact: str) -> Plan:
+    """The plan for a derived, validated config; raises if the memory estimate does not fit."""
+    p, t = c.parallel, c.train
+    world = world_size(c)
+    dp = world // p.model_parallel_size
+    microbatches = t.global_batch_size // (t.micro_batch_size * dp)
+    vocab = c.model.padded_vocab_size(p.tensor_model_parallel_size)
+    memory = estimate_memory(c, vocab, dp, microbatches)
+    accelerator = ACCELERATORS[c.launch.accelerator]
+    if accelerator.memory_gib and memory.total / GIB > accelerator.memory_gib:
+        gib = memory.as_gib()
+        breakdown = ", ".join(f"{k} {v}" for k, v in gib.items() if k != "total")
+        raise ValidationError([Problem(
+            ValidationError,
+            f"estimated memory per GPU {gib['total']} GiB exceeds the {accelerator.name}'s "
+            f"{accelerator.memory_gib} GiB ({breakdown}) at world size {world} "
+            f"(TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} x "
+            f"CP {p.context_parallel_size} x DP {dp})",
+            key="launch.nodes", source=tree.source(("launch", "nodes")),
+            hint="add nodes, raise pipeline/tensor parallelism, enable the distributed optimizer or "
+                 "model.recompute_granularity=\"full\"",
+        )])
+    nodes = range(c.launch.nodes) if c.launch.nodes <= 2 else (0,)
+    commands = tuple(torchrun_command(c, artifact, rank if c.launch.nodes <= 2 else "$NODE_RANK") for rank in nodes)
+    peak = accelerator.peak_tflops_fp8 if c.precision.fp8 else accelerator.peak_tflops_bf16
+    return Plan(
+        world_size=world,
+        data_parallel_size=dp,
+        microbatches_per_step=microbatches,
+        tokens_per_step=t.global_batch_size * c.model.seq_length,
+        padded_vocab_size=vocab,
+        params_total=total_params(c.model, vocab),
+        params_active=active_params(c.model, vocab),
+        params_per_stage=tuple(stage_params(c, vocab)),
+        flops_per_step=flops_per_step(c, vocab),
+        memory_gib=memory.as_gib(),
+        accelerator=accelerator.name,
+        peak_tflops=peak,
+        node_commands=commands,
+        env=performance_env(c),
+    )
+
+
+def plan_to_dict(plan: Plan) -> dict[str, Any]:
+    return attrs.asdict(plan, value_serializer=lambda _, __, v: list(v) if isinstance(v, tuple) else v)

@@ -1,0 +1,87 @@
+"""[train], [optimizer], [scheduler], [precision]: what one step does and how often."""
+
+import attrs
+
+from ._fields import option
+
+
+@attrs.frozen
+class TrainConfig:
+    """Batch sizes, length of the run, evaluation and seed."""
+
+    global_batch_size: int = option(256, "Sequences per optimizer step, all ranks together.", min=1)
+    micro_batch_size: int = option(1, "Sequences per forward pass on one rank.", min=1)
+    train_iters: int = option(1000, "Optimizer steps to run.", min=1)
+    eval_interval: int | None = option(None, "Evaluate every N steps; unset for never.", min=1)
+    eval_iters: int = option(10, "Batches per evaluation.", min=1)
+    seed: int = option(1234, "Random seed (init, data order, dropout).", min=0)
+    torch_compile: bool = option(False, "torch.compile the model (non-TE path).")
+    exit_signal_handler: bool = option(
+        True, "On SIGTERM/SIGUSR1 finish the step, save a checkpoint and exit 0."
+    )
+
+
+@attrs.frozen
+class OptimizerConfig:
+    """Megatron-Core optimizer: Adam(W) or SGD, distributed or not."""
+
+    optimizer: str = option("adam", "Algorithm (adam is AdamW).", choices=("adam", "sgd"))
+    lr: float = option(3e-4, "Peak learning rate.", min=0.0)
+    min_lr: float = option(3e-5, "Learning rate at the end of decay.", min=0.0)
+    weight_decay: float = option(0.1, "Decoupled weight decay.", min=0.0)
+    adam_beta1: float = option(0.9, "Adam beta1.", min=0.0, max=1.0)
+    adam_beta2: float = option(0.95, "Adam beta2.", min=0.0, max=1.0)
+    adam_eps: float = option(1e-8, "Adam epsilon.", min=0.0)
+    sgd_momentum: float = option(0.9, "SGD momentum.", min=0.0, max=1.0)
+    clip_grad: float = option(1.0, "Clip the global grad norm to this; 0 disables.", min=0.0)
+    use_distributed_optimizer: bool = option(
+        True, "Shard optimizer states over data-parallel ranks (ZeRO-1)."
+    )
+    overlap_grad_reduce: bool = option(False, "Overlap the grad reduce-scatter with backward.")
+    overlap_param_gather: bool = option(
+        False, "Overlap the param all-gather with the next forward (distributed optimizer)."
+    )
+
+
+@attrs.frozen
+class SchedulerConfig:
+    """Learning-rate warmup and decay (Megatron's OptimizerParamScheduler)."""
+
+    lr_warmup_iters: int | None = option(
+        None, "Linear warmup steps.", min=0, derived="lr_warmup_fraction x lr_decay_iters, else 0"
+    )
+    lr_warmup_fraction: float | None = option(
+        None, "Warmup as a fraction of lr_decay_iters (Megatron's --lr-warmup-fraction).", min=0.0, max=1.0
+    )
+    lr_warmup_init: float = option(0.0, "Learning rate at step 0 of warmup.", min=0.0)
+    lr_decay_style: str = option(
+        "cosine", "Decay after warmup.",
+        choices=("constant", "linear", "cosine", "inverse-square-root", "WSD"),
+    )
+    lr_decay_iters: int | None = option(
+        None, "Step at which decay reaches min_lr.", min=1, derived="train.train_iters"
+    )
+    lr_wsd_decay_iters: int | None = option(
+        None, "Final annealing steps of WSD.", min=1
+    )
+
+
+@attrs.frozen
+class PrecisionConfig:
+    """Compute dtype, FP8 recipe and the dtypes of grads and master weights."""
+
+    dtype: str = option("bf16", "Mixed-precision compute dtype.", choices=("bf16", "fp16", "fp32"))
+    fp8: str | None = option(
+        None, "FP8 recipe (needs Transformer Engine); unset for none.",
+        choices=("delayed", "tensorwise", "blockwise", "mxfp8"),
+    )
+    fp8_format: str = option("hybrid", "E4M3 forward/E5M2 backward, or E4M3 both.", choices=("hybrid", "e4m3"))
+    fp8_amax_history_len: int = option(1024, "Amax history of the delayed recipe.", min=1)
+    fp8_amax_compute_algo: str = option("max", "Amax reduction of the delayed recipe.", choices=("max", "most_recent"))
+    fp8_param_gather: bool = option(False, "Keep params in FP8 and all-gather them in FP8.")
+    grad_reduce_in_fp32: bool = option(True, "Accumulate and reduce gradients in fp32.")
+    initial_loss_scale: float = option(65536.0, "Starting dynamic loss scale (fp16 only).", min=1.0)
+
+    @property
+    def param_bytes(self) -> int:
+        return 4 if self.dtype == "fp32" else 2

@@ -1,0 +1,121 @@
+"""From a merged tree to frozen attrs objects: unknown keys and wrong types.
+
+Every key is checked against the attrs classes in `schema/`; an unknown key
+gets a "did you mean" (and, when the key belongs to another section, the
+section it lives in); a wrong value names the expected type. All problems of
+a recipe are collected before anything is raised.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from .errors import Problem, TypeMismatchError, UnknownKeyError, did_you_mean
+from .schema import RecipeConfig
+from .schema._fields import check_value, is_free_table
+from .tree import Path, Tree, dotted
+
+TOP_LEVEL_ONLY = ("name", "description")
+
+
+def section_classes() -> dict[str, type]:
+    return {f.name: f.type for f in attrs.fields(RecipeConfig) if f.metadata.get("section")}
+
+
+def field_of(path: Path) -> attrs.Attribute | None:
+    """The schema field a dotted path names, if any ('model.num_layers')."""
+    cls: type = RecipeConfig
+    attribute = None
+    for i, key in enumerate(path):
+        if attribute is not None and is_free_table(attribute.type):
+            return attribute if i == len(path) - 1 else None
+        fields = {f.name: f for f in attrs.fields(cls)}
+        if key not in fields:
+            return None
+        attribute = fields[key]
+        if attribute.metadata.get("section"):
+            cls = attribute.type
+        elif i != len(path) - 1 and not is_free_table(attribute.type):
+            return None
+    return attribute
+
+
+def all_leaf_paths() -> list[Path]:
+    """Every settable schema key, for hints and `recipec schema`."""
+    paths: list[Path] = [(name,) for name in TOP_LEVEL_ONLY]
+    for section, cls in section_classes().items():
+        paths += [(section, f.name) for f in attrs.fields(cls)]
+    return paths
+
+
+def structure(tree: Tree) -> tuple[RecipeConfig | None, list[Problem]]:
+    """Build the (not yet derived) RecipeConfig, or say everything wrong with the tree."""
+    problems: list[Problem] = []
+    kwargs: dict[str, Any] = {}
+    sections = section_classes()
+    for key, value in tree.data.items():
+        path = (key,)
+        if key in sections:
+            if not isinstance(value, dict):
+                problems.append(_problem(TypeMismatchError, tree, path, f"`{key}` must be a table ([{key}]), got {value!r}"))
+                continue
+            section, section_problems = _structure_section(tree, key, sections[key], value)
+            problems += section_problems
+            kwargs[key] = section
+        elif key in TOP_LEVEL_ONLY:
+            problem = check_value(attrs.fields_dict(RecipeConfig)[key], value)
+            if problem:
+                problems.append(_problem(TypeMismatchError, tree, path, problem))
+            else:
+                kwargs[key] = value
+        else:
+            problems.append(_unknown(tree, path, list(sections) + list(TOP_LEVEL_ONLY)))
+    if problems:
+        return None, problems
+    return RecipeConfig(**kwargs), []
+
+
+def _structure_section(tree: Tree, name: str, cls: type, data: dict[str, Any]) -> tuple[Any, list[Problem]]:
+    problems: list[Problem] = []
+    fields = attrs.fields_dict(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        path = (name, key)
+        attribute = fields.get(key)
+        if attribute is None:
+            problems.append(_unknown(tree, path, list(fields)))
+            continue
+        problem = check_value(attribute, value)
+        if problem:
+            problems.append(_problem(TypeMismatchError, tree, path, problem, hint=_type_hint(attribute)))
+            continue
+        kwargs[key] = value
+    if problems:
+        return None, problems
+    return cls(**kwargs), []
+
+
+def _type_hint(attribute: attrs.Attribute) -> str | None:
+    choices = attribute.metadata.get("choices")
+    if choices:
+        return "allowed: " + ", ".join(f'"{c}"' if isinstance(c, str) else repr(c) for c in choices)
+    return None
+
+
+def _problem(kind: type, tree: Tree, path: Path, message: str, hint: str | None = None) -> Problem:
+    return Problem(kind, message, key=dotted(path), source=tree.source(path), hint=hint)
+
+
+def _unknown(tree: Tree, path: Path, siblings: list[str]) -> Problem:
+    key = path[-1]
+    where = f"[{path[0]}]" if len(path) > 1 else "the top level"
+    hint = did_you_mean(key, siblings)
+    homes = [p for p in all_leaf_paths() if p[-1] == key and p != path]
+    if homes:
+        home = dotted(homes[0])
+        hint = f"`{key}` lives in [{homes[0][0]}]: write `{home}`" if len(homes[0]) > 1 else f"`{key}` is a top-level key"
+    elif hint is None:
+        hint = f"known keys here: {', '.join(sorted(siblings))}"
+    return Problem(UnknownKeyError, f"unknown key `{key}` in {where}", key=dotted(path), source=tree.source(path), hint=hint)

@@ -1,0 +1,127 @@
+"""Recipe trees: nested TOML data plus the provenance chain of every leaf.
+
+A `Tree` is what loading, merging and overriding work on before the schema
+sees anything. Merging is deep: tables merge key by key, scalars and arrays
+replace. A table holding `_replace = true` replaces its parent's table
+wholesale instead (the one spelling for "swap the whole model").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from .sources import Source
+
+Path = tuple[str, ...]
+REPLACE_KEY = "_replace"
+
+
+def dotted(path: Path) -> str:
+    return ".".join(path)
+
+
+@attrs.frozen
+class Tree:
+    """Nested data and, per leaf path, the sources that set it (oldest first)."""
+
+    data: dict[str, Any] = attrs.field(factory=dict)
+    chains: dict[Path, tuple[Source, ...]] = attrs.field(factory=dict)
+
+    def get(self, path: Path, default: Any = None) -> Any:
+        node: Any = self.data
+        for key in path:
+            if not isinstance(node, dict) or key not in node:
+                return default
+            node = node[key]
+        return node
+
+    def has(self, path: Path) -> bool:
+        sentinel = object()
+        return self.get(path, sentinel) is not sentinel
+
+    def source(self, path: Path) -> Source | None:
+        """The newest source of `path` or of the nearest enclosing leaf."""
+        for end in range(len(path), 0, -1):
+            chain = self.chains.get(path[:end])
+            if chain:
+                return chain[-1]
+        return None
+
+
+def leaves(data: dict[str, Any], prefix: Path = ()) -> list[tuple[Path, Any]]:
+    out: list[tuple[Path, Any]] = []
+    for key, value in data.items():
+        path = prefix + (key,)
+        if isinstance(value, dict) and value:
+            out.extend(leaves(value, path))
+        else:
+            out.append((path, value))
+    return out
+
+
+def merge(base: Tree, layer: Tree) -> Tree:
+    """Deep-merge `layer` over `base`, extending each leaf's provenance chain."""
+    data = _copy(base.data)
+    chains = dict(base.chains)
+    _merge_into(data, layer.data, (), chains, layer.chains)
+    return Tree(data, chains)
+
+
+def _merge_into(
+    dst: dict[str, Any],
+    src: dict[str, Any],
+    prefix: Path,
+    chains: dict[Path, tuple[Source, ...]],
+    src_chains: dict[Path, tuple[Source, ...]],
+) -> None:
+    for key, value in src.items():
+        path = prefix + (key,)
+        if isinstance(value, dict):
+            replace = value.get(REPLACE_KEY) is True
+            body = {k: v for k, v in value.items() if k != REPLACE_KEY}
+            if replace or not isinstance(dst.get(key), dict):
+                _drop_chains(chains, path)
+                dst[key] = {}
+            _merge_into(dst[key], body, path, chains, src_chains)
+            if not body:
+                chains[path] = chains.get(path, ()) + src_chains.get(path, ())
+        else:
+            _drop_chains(chains, path, keep_self=True)
+            dst[key] = value
+            chains[path] = chains.get(path, ()) + src_chains.get(path, ())
+
+
+def _drop_chains(chains: dict[Path, tuple[Source, ...]], path: Path, keep_self: bool = False) -> None:
+    for other in [p for p in chains if p[: len(path)] == path and (p != path or not keep_self)]:
+        del chains[other]
+
+
+def _copy(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: _copy(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def set_leaf(tree: Tree, path: Path, value: Any, source: Source) -> Tree:
+    """A new tree with `path` set to `value` (tables created as needed)."""
+    layer: dict[str, Any] = {}
+    node = layer
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = value
+    chains = {p: (source,) for p, _ in leaves({path[-1]: value}, path[:-1])} if isinstance(value, dict) else {path: (source,)}
+    return merge(tree, Tree(layer, chains))
+
+
+def unset(tree: Tree, path: Path) -> Tree:
+    """A new tree without `path`, so the schema default applies again."""
+    data = _copy(tree.data)
+    node: Any = data
+    for key in path[:-1]:
+        node = node.get(key) if isinstance(node, dict) else None
+        if node is None:
+            return tree
+    if isinstance(node, dict):
+        node.pop(path[-1], None)
+    chains = {p: c for p, c in tree.chains.items() if p[: len(path)] != path}
+    return Tree(data, chains)

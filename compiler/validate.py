@@ -1,0 +1,211 @@
+"""Cross-field rules: values that are each fine but cannot run together.
+
+Each rule is one small function returning problems (errors) and notes
+(warnings); every message shows the arithmetic that failed, because these are
+the errors that otherwise surface only after a job has queued.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import attrs
+
+from .errors import Problem, ValidationError
+from .schema import RecipeConfig
+from .tree import Tree
+
+Finding = tuple[str, str, str | None]  # (dotted key, message, hint)
+Rule = Callable[[RecipeConfig], Iterator[Finding]]
+
+
+@attrs.frozen
+class Findings:
+    errors: tuple[Problem, ...]
+    warnings: tuple[str, ...]
+
+
+def world_size(c: RecipeConfig) -> int:
+    return c.launch.nodes * c.launch.gpus_per_node
+
+
+def _world(c: RecipeConfig) -> str:
+    return f"world size {world_size(c)} (nodes {c.launch.nodes} x gpus_per_node {c.launch.gpus_per_node})"
+
+
+def layout(c: RecipeConfig) -> Iterator[Finding]:
+    p = c.parallel
+    mp = p.model_parallel_size
+    if world_size(c) % mp:
+        yield ("parallel.tensor_model_parallel_size",
+               f"{_world(c)} is not divisible by tensor {p.tensor_model_parallel_size} x pipeline "
+               f"{p.pipeline_model_parallel_size} x context {p.context_parallel_size} = {mp}",
+               f"use a world size that is a multiple of {mp}, or shrink the model-parallel layout")
+    etp = p.expert_tensor_parallel_size or p.tensor_model_parallel_size
+    expert_mp = etp * p.expert_model_parallel_size * p.pipeline_model_parallel_size
+    if world_size(c) % expert_mp:
+        yield ("parallel.expert_model_parallel_size",
+               f"{_world(c)} is not divisible by expert_tensor {etp} x expert {p.expert_model_parallel_size} "
+               f"x pipeline {p.pipeline_model_parallel_size} = {expert_mp}", None)
+    if p.sequence_parallel and p.tensor_model_parallel_size == 1:
+        yield ("parallel.sequence_parallel", "sequence_parallel needs tensor_model_parallel_size > 1 (it is 1)",
+               "set parallel.sequence_parallel=false or raise tensor_model_parallel_size")
+
+
+def heads(c: RecipeConfig) -> Iterator[Finding]:
+    m, tp = c.model, c.parallel.tensor_model_parallel_size
+    if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
+        yield ("model.hidden_size", f"hidden_size {m.hidden_size} is not divisible by num_attention_heads "
+               f"{m.num_attention_heads}, so kv_channels cannot be derived", "set model.kv_channels explicitly")
+    groups = m.num_query_groups or m.num_attention_heads
+    if m.num_attention_heads % groups:
+        yield ("model.num_query_groups", f"num_attention_heads {m.num_attention_heads} is not divisible by "
+               f"num_query_groups {groups}", None)
+    if m.num_attention_heads % tp:
+        yield ("model.num_attention_heads", f"num_attention_heads {m.num_attention_heads} is not divisible by "
+               f"tensor_model_parallel_size {tp}", None)
+    if groups % tp:
+        yield ("model.num_query_groups", f"num_query_groups {groups} is not divisible by "
+               f"tensor_model_parallel_size {tp}", f"use tensor_model_parallel_size <= {groups} that divides it")
+
+
+def layers(c: RecipeConfig) -> Iterator[Finding]:
+    m, p = c.model, c.parallel
+    pp, vpp = p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
+    if m.num_layers % pp:
+        yield ("parallel.pipeline_model_parallel_size",
+               f"num_layers {m.num_layers} is not divisible by pipeline {pp}", None)
+    if vpp is not None:
+        if pp == 1:
+            yield ("parallel.virtual_pipeline_model_parallel_size",
+                   "virtual pipeline stages need pipeline_model_parallel_size > 1", None)
+        elif m.num_layers % (pp * vpp):
+            yield ("parallel.virtual_pipeline_model_parallel_size",
+                   f"num_layers {m.num_layers} is not divisible by pipeline {pp} x virtual {vpp} = {pp * vpp}", None)
+
+
+def sequence(c: RecipeConfig) -> Iterator[Finding]:
+    m, p = c.model, c.parallel
+    cp, tp = p.context_parallel_size, p.tensor_model_parallel_size
+    if cp > 1 and m.seq_length % (2 * cp):
+        yield ("model.seq_length", f"seq_length {m.seq_length} is not divisible by 2 x context {cp} = {2 * cp} "
+               "(context parallelism splits each sequence into 2 x CP load-balanced chunks)", None)
+    if p.sequence_parallel and (m.seq_length // cp) % tp:
+        yield ("model.seq_length", f"seq_length {m.seq_length} / context {cp} is not divisible by tensor {tp} "
+               "(sequence parallel splits the sequence over TP ranks)", None)
+
+
+def batches(c: RecipeConfig) -> Iterator[Finding]:
+    t, mp = c.train, c.parallel.model_parallel_size
+    if world_size(c) % mp:
+        return
+    dp = world_size(c) // mp
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        yield ("train.global_batch_size",
+               f"global_batch_size {t.global_batch_size} is not divisible by micro_batch_size "
+               f"{t.micro_batch_size} x data-parallel {dp} = {t.micro_batch_size * dp}",
+               f"use a multiple of {t.micro_batch_size * dp}")
+        return
+    vpp = c.parallel.virtual_pipeline_model_parallel_size
+    microbatches = t.global_batch_size // (t.micro_batch_size * dp)
+    pp = c.parallel.pipeline_model_parallel_size
+    if vpp and pp > 1 and microbatches % pp:
+        yield ("train.global_batch_size", f"the interleaved schedule needs microbatches {microbatches} "
+               f"(global {t.global_batch_size} / (micro {t.micro_batch_size} x DP {dp})) to be a multiple of "
+               f"pipeline {pp}", None)
+
+
+def experts(c: RecipeConfig) -> Iterator[Finding]:
+    m, p = c.model, c.parallel
+    ep = p.expert_model_parallel_size
+    if not m.is_moe:
+        if ep > 1:
+            yield ("parallel.expert_model_parallel_size", f"expert_model_parallel_size {ep} needs an MoE model "
+                   "(model.num_moe_experts is unset)", None)
+        return
+    assert m.num_moe_experts is not None
+    if m.num_moe_experts % ep:
+        yield ("model.num_moe_experts", f"num_moe_experts {m.num_moe_experts} is not divisible by "
+               f"expert_model_parallel_size {ep}", None)
+    if m.moe_router_topk > m.num_moe_experts:
+        yield ("model.moe_router_topk", f"moe_router_topk {m.moe_router_topk} exceeds num_moe_experts "
+               f"{m.num_moe_experts}", None)
+    if p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
+        yield ("parallel.sequence_parallel", "MoE with tensor parallelism needs sequence_parallel = true "
+               "(Megatron-Core's token dispatcher requires it)", "set parallel.sequence_parallel=true")
+
+
+def schedule(c: RecipeConfig) -> Iterator[Finding]:
+    o, s, t = c.optimizer, c.scheduler, c.train
+    if o.min_lr > o.lr:
+        yield ("optimizer.min_lr", f"min_lr {o.min_lr} is above lr {o.lr}", None)
+    decay = s.lr_decay_iters or t.train_iters
+    if s.lr_warmup_iters is not None and s.lr_warmup_fraction is not None:
+        yield ("scheduler.lr_warmup_fraction", "set lr_warmup_iters or lr_warmup_fraction, not both",
+               "unset one of them with ~scheduler.lr_warmup_iters or ~scheduler.lr_warmup_fraction")
+    elif s.lr_warmup_iters is not None and s.lr_warmup_iters >= min(decay, t.train_iters) and t.train_iters > 1:
+        yield ("scheduler.lr_warmup_iters", f"lr_warmup_iters {s.lr_warmup_iters} >= "
+               f"{'lr_decay_iters' if decay < t.train_iters else 'train_iters'} {min(decay, t.train_iters)}: "
+               f"the run never reaches the peak lr {o.lr} (Megatron requires warmup < decay)",
+               "lower scheduler.lr_warmup_iters, or use scheduler.lr_warmup_fraction (e.g. 0.01)")
+    if s.lr_decay_style == "WSD" and s.lr_wsd_decay_iters is None:
+        yield ("scheduler.lr_wsd_decay_iters", "lr_decay_style WSD needs lr_wsd_decay_iters", None)
+
+
+def io(c: RecipeConfig) -> Iterator[Finding]:
+    d, tok, ck, pr = c.data, c.tokenizer, c.checkpoint, c.profiling
+    if d.kind != "mock" and not d.paths:
+        yield ("data.paths", f"data.kind {d.kind!r} needs data.paths", 'e.g. data.paths=["/data/my_corpus_text_document"]')
+    if d.weights and len(d.weights) != len(d.paths):
+        yield ("data.weights", f"{len(d.weights)} weights for {len(d.paths)} paths", "give one weight per path")
+    parts = d.split.split(",")
+    if len(parts) != 3 or not all(x.strip().replace(".", "", 1).isdigit() for x in parts):
+        yield ("data.split", f"split {d.split!r} is not three comma-separated numbers", 'e.g. "969,30,1"')
+    if tok.type == "huggingface" and not tok.path:
+        yield ("tokenizer.path", "a huggingface tokenizer needs tokenizer.path (a local directory)", None)
+    if d.kind in ("text", "sft") and tok.type == "null":
+        yield ("tokenizer.type", f"data.kind {d.kind!r} holds text and needs a real tokenizer",
+               'set tokenizer.type="byte" or "huggingface"')
+    if tok.type == "byte" and c.model.vocab_size < 257:
+        yield ("model.vocab_size", f"the byte tokenizer needs vocab_size >= 257 (256 bytes + end of text), got {c.model.vocab_size}", None)
+    if (ck.save_interval or ck.keep_last) and not ck.save:
+        yield ("checkpoint.save", "save_interval/keep_last are set but checkpoint.save is not", None)
+    if pr.profile_step_start >= pr.profile_step_end:
+        yield ("profiling.profile_step_end", f"profile_step_end {pr.profile_step_end} must be after "
+               f"profile_step_start {pr.profile_step_start}", None)
+
+
+def precision(c: RecipeConfig) -> Iterator[Finding]:
+    if c.precision.fp8 and c.precision.dtype == "fp32":
+        yield ("precision.fp8", "FP8 needs a bf16 or fp16 compute dtype, not fp32", 'set precision.dtype="bf16"')
+    if c.peft.method:
+        valid = {"linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"}
+        for target in c.peft.target_modules:
+            if target not in valid:
+                yield ("peft.target_modules", f"unknown LoRA target {target!r}", f"choose from {sorted(valid)}")
+
+
+RULES: tuple[Rule, ...] = (layout, heads, layers, sequence, batches, experts, schedule, io, precision)
+
+
+def warnings_for(c: RecipeConfig) -> list[str]:
+    notes = []
+    if c.precision.fp8:
+        notes.append(f"precision.fp8={c.precision.fp8!r} needs Transformer Engine at run time; "
+                     "without it the runtime stops with an error")
+    if c.precision.fp8 == "mxfp8" and not c.launch.accelerator.startswith("B"):
+        notes.append("mxfp8 needs Blackwell GPUs; launch.accelerator is " + c.launch.accelerator)
+    if c.scheduler.lr_decay_iters and c.scheduler.lr_decay_iters > c.train.train_iters:
+        notes.append(f"lr_decay_iters {c.scheduler.lr_decay_iters} > train_iters {c.train.train_iters}: "
+                     "the run ends before min_lr")
+    return notes
+
+
+def validate(config: RecipeConfig, tree: Tree) -> Findings:
+    """Run every rule; errors point at the key's own file and line."""
+    errors = []
+    for rule in RULES:
+        for key, message, hint in rule(config):
+            source = tree.source(tuple(key.split(".")))
+            errors.append(Problem(ValidationError, message, key=key, source=source, hint=hint))
+    return Findings(tuple(errors), tuple(warnings_for(config)))

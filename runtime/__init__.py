@@ -1,0 +1,1 @@
+"""recipec runtime: executes compiled recipes on Megatron-Core (device layer, attention, specs)."""

@@ -1,0 +1,65 @@
+"""Pick the GPT layer spec for the machine: Transformer Engine if present, else local+SDPA.
+
+Transformer Engine is the production path on GPUs (fused kernels, fp8).  When it does
+not import (CPU boxes, CI, minimal installs) Megatron's local spec is used with its
+``DotProductAttention`` swapped for ``runtime.attention.SDPAttention``, because the local
+module builds CUDA masks and materialises full score matrices.  The returned label is
+logged by the runtime so a run records which attention path it trained with.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any, Callable
+
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from .attention import SDPAttention
+
+TE_LABEL = "transformer_engine"
+LOCAL_LABEL = "local+sdpa"
+
+
+def _have_transformer_engine() -> bool:
+    """True when ``transformer_engine.pytorch`` imports (a broken install counts as absent)."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # noqa: BLE001 - ImportError, missing CUDA libs, ABI errors...
+        return False
+    return True
+
+
+def _call_supported(fn: Callable[..., ModuleSpec], **kwargs: Any) -> ModuleSpec:
+    """Call a spec builder with only the keywords its signature has (they vary by version)."""
+    params = inspect.signature(fn).parameters
+    return fn(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def gpt_layer_spec(
+    num_experts: int | None,
+    moe_grouped_gemm: bool,
+    qk_layernorm: bool,
+    normalization: str,
+) -> tuple[ModuleSpec, str]:
+    """Return ``(transformer layer spec, label)`` where label is "transformer_engine" or
+    "local+sdpa".  ``normalization`` is "LayerNorm" or "RMSNorm" (the TE spec takes it
+    from the TransformerConfig instead, so it is only forwarded where accepted).
+    """
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    kwargs = dict(
+        num_experts=num_experts,
+        moe_grouped_gemm=moe_grouped_gemm,
+        qk_layernorm=qk_layernorm,
+        normalization=normalization,
+    )
+    if _have_transformer_engine():
+        return _call_supported(specs.get_gpt_layer_with_transformer_engine_spec, **kwargs), TE_LABEL
+
+    spec = copy.deepcopy(_call_supported(specs.get_gpt_layer_local_spec, **kwargs))
+    attn = spec.submodules.self_attention
+    if not hasattr(attn.submodules, "core_attention"):
+        raise TypeError(f"unexpected local attention spec: {attn!r}")
+    attn.submodules.core_attention = SDPAttention
+    return spec, LOCAL_LABEL
