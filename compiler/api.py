@@ -116,8 +116,16 @@ def build(
     artifact_dir: str | None = None,
 ) -> Compiled:
     """Compile a recipe file or bundled name; raises RecipeError on any user mistake."""
+    if isinstance(overrides, str):  # build(r, "a=1") means one override, not one per character
+        overrides = [overrides]
+    if isinstance(overlays, (str, FsPath)):
+        overlays = [str(overlays)]
     path = resolve(recipe)
     tree = load(path)
+    if not tree.data:
+        raise RecipeError.of([Problem(RecipeError, f"{display_path(path)} is empty: there is nothing to compile",
+                                      source=Source("file", display_path(path), 1),
+                                      hint='start from a bundled recipe: extends = "llama3_8b"')])
     if not _set_in(tree, ("name",), path):
         tree = set_leaf(tree, ("name",), path.stem, Source("derived", detail="recipe file name"))
     tree = apply_overlays(tree, overlays)

@@ -126,6 +126,29 @@ def list_cmd() -> None:
     click.echo(library_table())
 
 
+@main.command("launch")
+@click.argument("recipe")
+@_overrides
+@_files
+@click.option("--nodes", metavar="N", help="Machines (same as launch.nodes=N).")
+@click.option("--gpus-per-node", metavar="G", help="Processes per machine (same as launch.gpus_per_node=G).")
+@click.option("--executor", metavar="local|slurm", help="torchrun here, or an sbatch job (same as launch.executor=...).")
+@click.option("--dry-run", is_flag=True, help="Write the build directory and print what would run; start nothing.")
+@click.option("-o", "--out", metavar="DIR", help="Build directory (default build/<name>).")
+@click.option("--node-rank", metavar="K", help="local executor, nodes > 1: run node K's share.")
+@click.option("--master", metavar="ADDR[:PORT]", help="Rendezvous host (node 0) for --node-rank; sets launch.master_addr.")
+@_user_errors
+def launch_cmd(recipe: str, overrides: tuple[str, ...], files: tuple[str, ...], nodes: str | None,
+               gpus_per_node: str | None, executor: str | None, dry_run: bool, out: str | None,
+               node_rank: str | None, master: str | None) -> None:
+    """Compile RECIPE with OVERRIDES, write the build directory, then run it (torchrun) or submit it (sbatch)."""
+    from .launcher import flag_overrides, launch
+
+    extra = flag_overrides(nodes=nodes, gpus_per_node=gpus_per_node, executor=executor, master=master)
+    compiled = _compile(recipe, (*overrides, *extra), files, out)
+    sys.exit(launch(compiled, out=out, dry_run=dry_run, node_rank=node_rank, echo=click.echo))
+
+
 @main.command()
 def schema() -> None:
     """JSON Schema of the recipe format (for editor completion and checking)."""

@@ -144,20 +144,23 @@ def estimate_memory(config: RecipeConfig, vocab: int, data_parallel: int, microb
     ep, etp = p.expert_model_parallel_size, p.expert_tensor_parallel_size or tp
     c = count_params(m, vocab)
     layers = m.num_layers // pp
-    # Parameters on one GPU of the first stage (embedding) or last (output), whichever is larger.
-    dense = layers * c.per_layer_dense / tp + max(c.embedding, c.output + c.final_norm) / tp
+    # The first stage holds the input embedding, the last the output layer; with PP=1 one GPU holds both.
+    ends = c.embedding + c.output + c.final_norm if pp == 1 else max(c.embedding, c.output + c.final_norm)
+    dense = (layers * c.per_layer_dense + ends) / tp
     experts = layers * c.per_layer_experts / (ep * etp)
-    params = dense + experts
-    trainable = params if config.peft.method is None else params * 0.01
-    weights = params * prec.param_bytes
-    gradients = trainable * (4 if prec.grad_reduce_in_fp32 or prec.dtype == "fp32" else 2)
-    master = 0 if prec.dtype == "fp32" else 4
-    optimizer_bytes = trainable * (master + (8 if config.optimizer.optimizer == "adam" else 4))
-    if config.optimizer.use_distributed_optimizer:
-        # Megatron-Core shards optimizer states over data x context parallel ranks.
-        optimizer_bytes /= data_parallel * cp
+    share = 1.0 if config.peft.method is None else 0.01
+    grad_bytes = 4 if prec.grad_reduce_in_fp32 or prec.dtype == "fp32" else 2
+    state_bytes = (0 if prec.dtype == "fp32" else 4) + (8 if config.optimizer.optimizer == "adam" else 4)
+    # Megatron-Core shards optimizer states over data x context ranks for dense parameters and
+    # over the expert-data-parallel ranks (world / (ETP x EP x PP)) for experts.
+    dense_shards = data_parallel * cp if config.optimizer.use_distributed_optimizer else 1
+    expert_shards = max(1, tp * cp * data_parallel // (etp * ep)) if config.optimizer.use_distributed_optimizer else 1
+    weights = (dense + experts) * prec.param_bytes
+    gradients = (dense + experts) * share * grad_bytes
+    optimizer_bytes = share * state_bytes * (dense / dense_shards + experts / expert_shards)
     activations = _activation_bytes(config, vocab, microbatches)
-    overhead = int(3 * GIB) if config.launch.accelerator != "cpu" else 0
+    # CUDA context, NCCL buffers and allocator slack (an assumption until checked on the GPU).
+    overhead = int(2 * GIB) if config.launch.accelerator != "cpu" else 0
     return MemoryEstimate(int(weights), int(gradients), int(optimizer_bytes), int(activations), overhead)
 
 
@@ -184,5 +187,6 @@ def _activation_bytes(config: RecipeConfig, vocab: int, microbatches: int) -> fl
     in_flight = min(pp, microbatches)
     if p.virtual_pipeline_model_parallel_size:
         in_flight = min(microbatches, pp + (pp - 1) / p.virtual_pipeline_model_parallel_size)
-    logits = s * b * vocab / tp * 4 * 2  # fp32 logits and their gradient on the last stage
+    # Vocab-parallel cross entropy keeps one fp32 softmax of the logits for backward (last stage).
+    logits = s * b * vocab / tp * 4
     return stored * in_flight + (logits if pp == 1 else 0)

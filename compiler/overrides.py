@@ -15,11 +15,11 @@ from typing import Any
 
 import attrs
 
-from .errors import OverrideError, Problem, RecipeError
+from .errors import OverrideError, Problem, RecipeError, did_you_mean
 from .loader import load
 from .sources import Source
 from .structure import field_of
-from .tree import Path, Tree, merge, set_leaf, unset
+from .tree import Path, Tree, set_leaf, unset
 
 _OVERRIDE = re.compile(r"^(?P<op>[+~]?)(?P<key>[A-Za-z_][A-Za-z0-9_\-]*(?:\.[A-Za-z0-9_\-]+)*)(?:=(?P<value>.*))?$", re.S)
 _BARE = re.compile(r"^[A-Za-z0-9_\-./:@,%]+$")
@@ -37,7 +37,7 @@ def parse_value(text: str) -> Any:
 
 def apply_overlays(tree: Tree, files: Iterable[str]) -> Tree:
     for file in files:
-        tree = merge(tree, load(file, kind="overlay"))
+        tree = load(file, kind="overlay", onto=tree)
     return tree
 
 
@@ -58,6 +58,9 @@ def apply_strings(tree: Tree, overrides: Iterable[str], *, kind: str = "cli") ->
                 problems.append(Problem(OverrideError, f"`~{key}` unsets a key and takes no value", key=key, source=source,
                                         hint=f"write ~{key}"))
                 continue
+            if not tree.has(path) and field_of(path) is None:
+                problems.append(_unknown_key(key, source, "~"))
+                continue
             tree = unset(tree, path)
             continue
         if raw is None:
@@ -70,14 +73,34 @@ def apply_strings(tree: Tree, overrides: Iterable[str], *, kind: str = "cli") ->
             problems.append(Problem(OverrideError, f"value {raw!r} is not a TOML value ({exc})", key=key, source=source,
                                     hint='quote strings with spaces: key="a b"; lists: key=["a","b"]'))
             continue
-        if op != "+" and not tree.has(path) and _is_free_table_entry(path):
+        free_entry = _is_free_table_entry(path)
+        if op != "+" and not tree.has(path) and free_entry:
             problems.append(Problem(OverrideError, f"`{key}` is not in this recipe", key=key, source=source,
                                     hint=f"add a new entry with +{key}={raw}"))
             continue
+        if free_entry and isinstance(value, (int, float, bool)) and _takes_strings(path):
+            value = raw.strip()  # +launch.env.NCCL_IB_DISABLE=1: environment values are text
         tree = set_leaf(tree, path, value, source)
     if problems:
         raise RecipeError.of(problems)
     return tree
+
+
+def _unknown_key(key: str, source: Source, op: str) -> Problem:
+    from .structure import all_leaf_paths
+
+    known = [".".join(p) for p in all_leaf_paths()]
+    hint = did_you_mean(key, known)
+    hint = f"{hint[:-1]} (write {op}{hint.split('`')[1]})?" if hint else "`recipec schema` lists every key"
+    return Problem(OverrideError, f"`{key}` is not a key of the schema or of this recipe", key=key, source=source,
+                   hint=hint)
+
+
+def _takes_strings(path: Path) -> bool:
+    import typing
+
+    field = field_of(path)
+    return field is not None and typing.get_args(field.type)[1:] == (str,)
 
 
 def _is_free_table_entry(path: Path) -> bool:

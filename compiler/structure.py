@@ -8,6 +8,8 @@ a recipe are collected before anything is raised.
 
 from __future__ import annotations
 
+import math
+import tomllib
 from typing import Any
 
 import attrs
@@ -18,6 +20,23 @@ from .schema._fields import check_value, is_free_table
 from .tree import Path, Tree, dotted
 
 TOP_LEVEL_ONLY = ("name", "description")
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def representable(value: Any) -> str | None:
+    """Why a TOML value cannot be compiled at all (TOML 1.0: ints are 64-bit; the artifact
+    is JSON, which has no inf/nan), or None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) and not INT64[0] <= value <= INT64[1]:
+        return f"integer {value} does not fit in 64 bits (TOML integers are 64-bit)"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value!r} is not a finite number"
+    if isinstance(value, (list, tuple)):
+        return next((r for r in map(representable, value) if r), None)
+    if isinstance(value, dict):
+        return next((r for r in map(representable, value.values()) if r), None)
+    return None
 
 
 def section_classes() -> dict[str, type]:
@@ -59,13 +78,17 @@ def structure(tree: Tree) -> tuple[RecipeConfig | None, list[Problem]]:
         path = (key,)
         if key in sections:
             if not isinstance(value, dict):
-                problems.append(_problem(TypeMismatchError, tree, path, f"`{key}` must be a table ([{key}]), got {value!r}"))
+                hint = (f"write [{key}] (a table), not [[{key}]] (an array of tables)"
+                        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value)
+                        else f"write [{key}] and put its keys below it, or {key}.some_key = value")
+                problems.append(_problem(TypeMismatchError, tree, path, f"`{key}` must be a table ([{key}]), got {value!r}",
+                                         hint=hint))
                 continue
             section, section_problems = _structure_section(tree, key, sections[key], value)
             problems += section_problems
             kwargs[key] = section
         elif key in TOP_LEVEL_ONLY:
-            problem = check_value(attrs.fields_dict(RecipeConfig)[key], value)
+            problem = representable(value) or check_value(attrs.fields_dict(RecipeConfig)[key], value)
             if problem:
                 problems.append(_problem(TypeMismatchError, tree, path, problem))
             else:
@@ -87,9 +110,13 @@ def _structure_section(tree: Tree, name: str, cls: type, data: dict[str, Any]) -
         if attribute is None:
             problems.append(_unknown(tree, path, list(fields)))
             continue
+        problem = representable(value)
+        if problem:
+            problems.append(_problem(TypeMismatchError, tree, path, problem, hint="use a finite value in range"))
+            continue
         problem = check_value(attribute, value)
         if problem:
-            problems.append(_problem(TypeMismatchError, tree, path, problem, hint=_type_hint(attribute)))
+            problems.append(_problem(TypeMismatchError, tree, path, problem, hint=_type_hint(attribute, value)))
             continue
         kwargs[key] = value
     if problems:
@@ -97,11 +124,27 @@ def _structure_section(tree: Tree, name: str, cls: type, data: dict[str, Any]) -
     return cls(**kwargs), []
 
 
-def _type_hint(attribute: attrs.Attribute) -> str | None:
+def _type_hint(attribute: attrs.Attribute, value: Any = None) -> str | None:
     choices = attribute.metadata.get("choices")
     if choices:
         return "allowed: " + ", ".join(f'"{c}"' if isinstance(c, str) else repr(c) for c in choices)
+    if is_free_table(attribute.type) and isinstance(value, dict):
+        bad = [k for k, v in value.items() if not isinstance(v, str)]
+        if any(isinstance(value[k], (dict, list)) for k in bad):
+            return f"[{attribute.name}] holds NAME = \"value\" pairs, not nested tables or lists"
+        if bad:
+            return f'quote the value{"s" if len(bad) > 1 else ""}: ' + ", ".join(f'{k} = "{value[k]}"' for k in bad[:3])
+    if isinstance(value, str) and value and representable(literal := _toml_literal(value)) is None \
+            and not isinstance(literal, str) and check_value(attribute, literal) is None:
+        return f"drop the quotes: {attribute.name} = {value}"
     return None
+
+
+def _toml_literal(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
 
 
 def _problem(kind: type, tree: Tree, path: Path, message: str, hint: str | None = None) -> Problem:
@@ -113,7 +156,9 @@ def _unknown(tree: Tree, path: Path, siblings: list[str]) -> Problem:
     where = f"[{path[0]}]" if len(path) > 1 else "the top level"
     hint = did_you_mean(key, siblings)
     homes = [p for p in all_leaf_paths() if p[-1] == key and p != path]
-    if homes:
+    if len(path) > 1 and key in section_classes():
+        hint = f"[{key}] is a section of its own: write [{key}], not [{dotted(path)}]"
+    elif homes:
         home = dotted(homes[0])
         hint = f"`{key}` lives in [{homes[0][0]}]: write `{home}`" if len(homes[0]) > 1 else f"`{key}` is a top-level key"
     elif hint is None:

@@ -52,3 +52,20 @@ def line_of(lines: dict[Path, int], path: Path) -> int | None:
         if path[:end] in lines:
             return lines[path[:end]]
     return None
+
+
+def key_at(text: str, line: int) -> Path:
+    """Best guess of the dotted key being written on `line` (1-based) of a possibly invalid file:
+    the enclosing table plus the key assigned there, for error messages."""
+    table: Path = ()
+    lines = text.splitlines()
+    for current in lines[: line - 1]:
+        header = _HEADER.match(current)
+        if header and not _ASSIGN.match(current):
+            table = _split_key(header.group(1))
+    here = lines[line - 1] if 0 < line <= len(lines) else ""
+    header = _HEADER.match(here)
+    if header and not _ASSIGN.match(here):
+        return _split_key(header.group(1))
+    assign = _ASSIGN.match(here)
+    return table + _split_key(assign.group(1)) if assign else table

@@ -12,6 +12,7 @@ from typing import Any
 
 import attrs
 
+from .errors import Problem, TypeMismatchError
 from .sources import Source
 
 Path = tuple[str, ...]
@@ -42,11 +43,16 @@ class Tree:
         return self.get(path, sentinel) is not sentinel
 
     def source(self, path: Path) -> Source | None:
-        """The newest source of `path` or of the nearest enclosing leaf."""
+        """The newest source of `path`, of the nearest enclosing leaf, or else of the first
+        leaf below it (a table such as `[model.parallel]` has no chain of its own)."""
         for end in range(len(path), 0, -1):
             chain = self.chains.get(path[:end])
             if chain:
                 return chain[-1]
+        below = [chain[-1] for p, chain in self.chains.items() if chain and p[: len(path)] == path]
+        if below:
+            newest = [s for s in below if s.file == below[-1].file and s.kind == below[-1].kind]
+            return min(newest, key=lambda s: s.line if s.line is not None else 0)
         return None
 
 
@@ -79,6 +85,12 @@ def _merge_into(
     for key, value in src.items():
         path = prefix + (key,)
         if isinstance(value, dict):
+            if not isinstance(value.get(REPLACE_KEY, False), bool):
+                flag = path + (REPLACE_KEY,)
+                raise TypeMismatchError([Problem(
+                    TypeMismatchError, f"`{REPLACE_KEY}` must be true or false, got {value[REPLACE_KEY]!r}",
+                    key=dotted(flag), source=(src_chains.get(flag) or (None,))[-1],
+                    hint=f"write {REPLACE_KEY} = true to replace the parent's [{dotted(path)}] wholesale")])
             replace = value.get(REPLACE_KEY) is True
             body = {k: v for k, v in value.items() if k != REPLACE_KEY}
             if replace or not isinstance(dst.get(key), dict):

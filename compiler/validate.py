@@ -7,6 +7,7 @@ the errors that otherwise surface only after a job has queued.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 
 import attrs
@@ -43,7 +44,7 @@ def layout(c: RecipeConfig) -> Iterator[Finding]:
                f"use a world size that is a multiple of {mp}, or shrink the model-parallel layout")
     etp = p.expert_tensor_parallel_size or p.tensor_model_parallel_size
     expert_mp = etp * p.expert_model_parallel_size * p.pipeline_model_parallel_size
-    if world_size(c) % expert_mp:
+    if (c.model.is_moe or p.expert_model_parallel_size > 1) and not world_size(c) % mp and world_size(c) % expert_mp:
         yield ("parallel.expert_model_parallel_size",
                f"{_world(c)} is not divisible by expert_tensor {etp} x expert {p.expert_model_parallel_size} "
                f"x pipeline {p.pipeline_model_parallel_size} = {expert_mp}", None)
@@ -140,8 +141,10 @@ def schedule(c: RecipeConfig) -> Iterator[Finding]:
     if o.min_lr > o.lr:
         yield ("optimizer.min_lr", f"min_lr {o.min_lr} is above lr {o.lr}", None)
     decay = s.lr_decay_iters or t.train_iters
-    if s.lr_warmup_iters is not None and s.lr_warmup_fraction is not None:
-        yield ("scheduler.lr_warmup_fraction", "set lr_warmup_iters or lr_warmup_fraction, not both",
+    if (s.lr_warmup_iters is not None and s.lr_warmup_fraction is not None
+            and s.lr_warmup_iters != int(s.lr_warmup_fraction * decay)):  # equal: an already derived config
+        yield ("scheduler.lr_warmup_fraction", f"set lr_warmup_iters or lr_warmup_fraction, not both (lr_warmup_iters "
+               f"{s.lr_warmup_iters} != lr_warmup_fraction {s.lr_warmup_fraction} x lr_decay_iters {decay})",
                "unset one of them with ~scheduler.lr_warmup_iters or ~scheduler.lr_warmup_fraction")
     elif s.lr_warmup_iters is not None and s.lr_warmup_iters >= min(decay, t.train_iters) and t.train_iters > 1:
         yield ("scheduler.lr_warmup_iters", f"lr_warmup_iters {s.lr_warmup_iters} >= "
@@ -185,7 +188,17 @@ def precision(c: RecipeConfig) -> Iterator[Finding]:
                 yield ("peft.target_modules", f"unknown LoRA target {target!r}", f"choose from {sorted(valid)}")
 
 
-RULES: tuple[Rule, ...] = (layout, heads, layers, sequence, batches, experts, schedule, io, precision)
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+
+
+def naming(c: RecipeConfig) -> Iterator[Finding]:
+    if not _NAME.match(c.name) or c.name in (".", ".."):
+        yield ("name", f"name {c.name!r} cannot be used: it names the build and run directories "
+               "(build/<name>, runs/<name>) and the rendezvous id",
+               "use letters, digits, _ . + - (no spaces or slashes), e.g. name = \"my_llama\"")
+
+
+RULES: tuple[Rule, ...] = (naming, layout, heads, layers, sequence, batches, experts, schedule, io, precision)
 
 
 def warnings_for(c: RecipeConfig) -> list[str]:

@@ -7,8 +7,10 @@ each of those raises.  ``activate_cpu_mode()`` redirects them to the CPU, so tin
 models can be trained and checkpointed on a laptop/CI box with ``torchrun`` + gloo.  It is
 a no-op when ``torch.cuda.is_available()``; on GPUs Megatron runs untouched.
 
-What is redirected (and why), verified against megatron-core 0.16.1; every patch is
-guarded so a module or symbol missing in another version (0.16 .. 0.19) is skipped:
+What is redirected (and why), read off megatron-core 0.16.1 and exercised by
+tests/runtime on 0.16.1 and 0.19.2 (0.19 additionally needs the ``triton`` wheel, which its
+MoE paged_stash module imports unconditionally; it imports fine without a GPU).  Every
+patch is guarded, so a module or symbol missing in another version is skipped:
 
 1. *CUDA shim namespace* (``_CUDA_ON_CPU_MODULES``).  In each listed Megatron module the
    module-global name ``torch`` is replaced by ``_CpuTorch``, a proxy that forwards
@@ -44,7 +46,15 @@ guarded so a module or symbol missing in another version (0.16 .. 0.19) is skipp
 
 4. *``Tensor.cuda()`` calls*: ``LanguageModule.setup_embeddings_and_output_layer`` moves
    the tied embedding weight with ``.cuda()`` before its all-reduce (PP>1 with tied
-   embeddings); it runs with ``Tensor.cuda`` temporarily returning the tensor unchanged.
+   embeddings) and ``DistributedOptimizer.get_parameter_state_dp_zero`` (used by the
+   'fully_reshardable' / 'dp_zero_gather_scatter' checkpoint formats) moves gather buffers
+   with ``.cuda()``; they run with ``Tensor.cuda`` temporarily returning the tensor as is.
+
+5. *torch Adam ``step`` on checkpoint load* (CPU means no Apex/TE, so Megatron falls back
+   to torch Adam, whose per-parameter ``step`` some 0.16 load paths mishandle):
+   ``DistributedOptimizer._set_main_param_and_optimizer_states`` keeps the restored
+   ``step`` (see ``_patch_adam_step_on_load``); ``prime_optimizer_state_for_load`` must be
+   called on a fresh optimizer before ``sharded_state_dict(is_loading=True)``.
 """
 
 from __future__ import annotations
@@ -134,7 +144,11 @@ def _cpu_factory(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]
 
 
 class _NullStream:
-    """Stand-in for ``torch.cuda.Stream``: CPU ops are synchronous, so waits are no-ops."""
+    """Stand-in for ``torch.cuda.Stream`` and ``torch.cuda.Event``.
+
+    CPU ops are synchronous, so every wait/record/synchronize is a no-op (DDP's
+    communication stream, param_and_grad_buffer overlap bookkeeping, utils timers).
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         pass
@@ -142,33 +156,10 @@ class _NullStream:
     def wait_stream(self, *args: Any) -> None:
         pass
 
-    def wait_event(self, *args: Any) -> None:
-        pass
+    wait_event = record = wait = synchronize = wait_stream
 
-    def record_event(self, event: Any = None) -> "_NullEvent":
-        return event if event is not None else _NullEvent()
-
-    def synchronize(self) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
-
-
-class _NullEvent:
-    """Stand-in for ``torch.cuda.Event`` (timers, overlap bookkeeping)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def record(self, *args: Any) -> None:
-        pass
-
-    def wait(self, *args: Any) -> None:
-        pass
-
-    def synchronize(self) -> None:
-        pass
+    def record_event(self, event: Any = None) -> "_NullStream":
+        return event if event is not None else _NullStream()
 
     def query(self) -> bool:
         return True
@@ -196,7 +187,7 @@ class _CudaOnCpu(types.ModuleType):
         self.max_memory_allocated = lambda *a, **k: 0
         self.memory_reserved = lambda *a, **k: 0
         self.Stream = _NullStream
-        self.Event = _NullEvent
+        self.Event = _NullStream
         self.stream = lambda *a, **k: contextlib.nullcontext()
         self.current_stream = lambda *a, **k: _NullStream()
         self.default_stream = lambda *a, **k: _NullStream()
@@ -207,14 +198,10 @@ class _CudaOnCpu(types.ModuleType):
         self.random = types.SimpleNamespace(
             get_rng_state=self.get_rng_state, set_rng_state=self.set_rng_state
         )
-        self.nvtx = types.SimpleNamespace(range_push=_noop, range_pop=_noop, range=_nullctx)
+        self.nvtx = types.SimpleNamespace(range_push=_noop, range_pop=_noop, range=lambda *a, **k: contextlib.nullcontext())
 
     def __getattr__(self, name: str) -> Any:
         return getattr(torch.cuda, name)
-
-
-def _nullctx(*args: Any, **kwargs: Any) -> contextlib.nullcontext:
-    return contextlib.nullcontext()
 
 
 class _CpuTorch(types.ModuleType):
@@ -333,6 +320,70 @@ def _patch_rng() -> None:
             PATCHED.append(f"megatron.core.tensor_parallel.random:{attr}")
 
 
+def prime_optimizer_state_for_load(optimizer: Any) -> None:
+    """Give a fresh torch Adam/AdamW inside a Megatron optimizer zero state before loading.
+
+    Without Apex/TE (always the case on CPU) ``DistributedOptimizer.state_dict()``, which
+    ``sharded_state_dict(is_loading=True)`` calls, asserts that the inner torch optimizer
+    holds exactly one per-parameter ``step`` value; a never-stepped torch Adam has none.
+    Zero moments and ``step=0`` are what an untouched Adam means and are overwritten by
+    the load.  Safe to call on any Megatron optimizer (chained or not); it only fills
+    empty states of torch.optim.Adam/AdamW.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                state = inner.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _patch_adam_step_on_load() -> None:
+    """Keep torch Adam's loaded ``step`` when the distributed optimizer loads param state.
+
+    Without Apex/TE, ``DistributedOptimizer.load_state_dict`` sets every parameter's Adam
+    ``step`` from the checkpoint's ``param_groups[i]['step']`` and then calls a
+    ``load_parameter_state_from_*`` loader, which goes through
+    ``_set_main_param_and_optimizer_states``; that copies *every* key of the live state,
+    ``step`` included, from the loaded tensors.  In megatron-core 0.16.1 'fully_reshardable'
+    and 'fully_sharded_model_space' drop ``step`` (KeyError), and 'dp_reshardable' carries
+    the pre-load ``step`` back over the restored one (Adam bias correction restarts).
+    Worse, ``load_state_dict`` gives all parameters the *same* step tensor, which torch
+    Adam then increments once per parameter per step.  The patch gives each parameter its
+    own copy of the restored ``step`` and feeds that through instead.
+    """
+    mod = _import("megatron.core.optimizer.distrib_optimizer")
+    cls = getattr(mod, "DistributedOptimizer", None) if mod else None
+    orig = vars(cls).get("_set_main_param_and_optimizer_states") if cls else None
+    if orig is None or getattr(orig, "__recipec_cpu__", False):
+        return
+
+    @functools.wraps(orig)
+    def set_states(self: Any, model_param: torch.Tensor, tensors: dict) -> Any:
+        index = getattr(self, "model_param_group_index_map", {}).get(model_param)
+        if index is not None and not getattr(
+            self.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False
+        ):
+            main_param = self.optimizer.param_groups[index[0]]["params"][index[1]]
+            live = self.optimizer.state.get(main_param, {})
+            if "step" in live:
+                # load_state_dict assigned ONE tensor to every parameter's step; torch Adam
+                # increments step in place per parameter, so un-share it as well.
+                live["step"] = live["step"].detach().clone()
+                tensors = {**tensors, "step": live["step"]}
+        return orig(self, model_param, tensors)
+
+    set_states.__recipec_cpu__ = True  # type: ignore[attr-defined]
+    cls._set_main_param_and_optimizer_states = set_states
+    PATCHED.append("megatron.core.optimizer.distrib_optimizer:"
+                   "DistributedOptimizer._set_main_param_and_optimizer_states")
+
+
 def activate_cpu_mode() -> bool:
     """Redirect Megatron-Core's CUDA calls to the CPU; returns True when CPU mode is on.
 
@@ -352,12 +403,15 @@ def activate_cpu_mode() -> bool:
     _patch_rng()
     _patch_method("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer",
                   "_build_model_and_main_param_groups")
+    _patch_method("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer",
+                  "get_parameter_state_dp_zero")
     _patch_method("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params",
                   "__init__")
     _patch_function("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32",
                     also_in=("megatron.core.optimizer.optimizer",
                              "megatron.core.optimizer.distrib_optimizer",
                              "megatron.core.optimizer"))
+    _patch_adam_step_on_load()
     _patch_method("megatron.core.models.common.language_module.language_module",
                   "LanguageModule", "setup_embeddings_and_output_layer")
     _ACTIVE = True

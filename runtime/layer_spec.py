@@ -30,10 +30,24 @@ def _have_transformer_engine() -> bool:
     return True
 
 
-def _call_supported(fn: Callable[..., ModuleSpec], **kwargs: Any) -> ModuleSpec:
-    """Call a spec builder with only the keywords its signature has (they vary by version)."""
+def _accepted_keywords(fn: Callable[..., Any], module: Any) -> set[str] | None:
+    """Keyword names ``fn`` understands; None when it takes anything.
+
+    megatron-core 0.16 spells the parameters out on ``get_gpt_layer_*_spec``; later releases
+    turned those into ``(*args, **kwargs)`` wrappers around ``get_gpt_layer_*_submodules``,
+    so the twin's signature is the one to read (else e.g. qk_layernorm is silently dropped).
+    """
     params = inspect.signature(fn).parameters
-    return fn(**{k: v for k, v in kwargs.items() if k in params})
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        twin = getattr(module, fn.__name__.removesuffix("_spec") + "_submodules", None)
+        return _accepted_keywords(twin, module) if twin is not None else None
+    return set(params)
+
+
+def _call_supported(fn: Callable[..., ModuleSpec], module: Any, **kwargs: Any) -> ModuleSpec:
+    """Call a spec builder with only the keywords it has (they vary by version)."""
+    accepted = _accepted_keywords(fn, module)
+    return fn(**{k: v for k, v in kwargs.items() if accepted is None or k in accepted})
 
 
 def gpt_layer_spec(
@@ -55,9 +69,9 @@ def gpt_layer_spec(
         normalization=normalization,
     )
     if _have_transformer_engine():
-        return _call_supported(specs.get_gpt_layer_with_transformer_engine_spec, **kwargs), TE_LABEL
+        return _call_supported(specs.get_gpt_layer_with_transformer_engine_spec, specs, **kwargs), TE_LABEL
 
-    spec = copy.deepcopy(_call_supported(specs.get_gpt_layer_local_spec, **kwargs))
+    spec = copy.deepcopy(_call_supported(specs.get_gpt_layer_local_spec, specs, **kwargs))
     attn = spec.submodules.self_attention
     if not hasattr(attn.submodules, "core_attention"):
         raise TypeError(f"unexpected local attention spec: {attn!r}")

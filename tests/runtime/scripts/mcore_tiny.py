@@ -27,10 +27,16 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from runtime.device import PATCHED, activate_cpu_mode, device_for_runtime  # noqa: E402
+from runtime.device import (  # noqa: E402
+    PATCHED,
+    activate_cpu_mode,
+    device_for_runtime,
+    prime_optimizer_state_for_load,
+)  # noqa: E402
 
 activate_cpu_mode()  # before megatron builds anything
 
+import megatron.core  # noqa: E402
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  # noqa: E402
 from megatron.core.dist_checkpointing.mapping import ShardedTensor  # noqa: E402
 from megatron.core.distributed import (  # noqa: E402
@@ -146,12 +152,14 @@ def loss_func(output_tensor: torch.Tensor) -> tuple[torch.Tensor, dict[str, torc
 
 
 def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: Any):
+    """Schedule callback: every stage gets the batch (non-first stages ignore tokens)."""
     batch = next(data_iterator)
     out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return out, loss_func
 
 
-def train_step(args, ddp_model, optimizer, batches) -> float | None:
+def train_step(args: argparse.Namespace, ddp_model: DistributedDataParallel, optimizer: Any,
+               batches: list[dict[str, torch.Tensor]]) -> float | None:
     """One optimizer step through get_forward_backward_func; global mean loss or None."""
     ddp_model.zero_grad_buffer()
     optimizer.zero_grad()
@@ -169,7 +177,8 @@ def train_step(args, ddp_model, optimizer, batches) -> float | None:
     return loss.item() / parallel_state.get_data_parallel_world_size()
 
 
-def checkpoint_state(model: GPTModel, optimizer: Any, args, is_loading: bool) -> dict[str, Any]:
+def checkpoint_state(model: GPTModel, optimizer: Any, args: argparse.Namespace,
+                     is_loading: bool) -> dict[str, Any]:
     """Sharded state dict of model + optimizer (dist optimizer gets the sharding type)."""
     model_sd = model.sharded_state_dict()
     state: dict[str, Any] = {"model": model_sd}
@@ -182,12 +191,15 @@ def checkpoint_state(model: GPTModel, optimizer: Any, args, is_loading: bool) ->
     return state
 
 
-def save(model, optimizer, args) -> None:
+def save(model: GPTModel, optimizer: Any, args: argparse.Namespace) -> None:
+    """torch_dist (default backend) save of model + optimizer; all ranks participate."""
     args.save_dir.mkdir(parents=True, exist_ok=True)
     dist_checkpointing.save(checkpoint_state(model, optimizer, args, False), str(args.save_dir))
 
 
-def load(model, optimizer, args) -> None:
+def load(model: GPTModel, optimizer: Any, args: argparse.Namespace) -> None:
+    """Load into a freshly built model/optimizer (any TP/DP layout the format allows)."""
+    prime_optimizer_state_for_load(optimizer)  # torch Adam has no state before step 1
     # no_grad: loading copies into leaf parameters (views of DDP buffers) in place.
     with torch.no_grad():
         state = checkpoint_state(model, optimizer, args, True)
@@ -233,6 +245,7 @@ def main() -> None:
         args.out.write_text(json.dumps({
             "losses": losses, "spec": spec_label, "device": str(device_for_runtime()),
             "patches": PATCHED, "world": dist.get_world_size(),
+            "megatron": megatron.core.__version__,
         }))
     dist.barrier()
     parallel_state.destroy_model_parallel()
@@ -240,5 +253,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     main()

@@ -1,0 +1,87 @@
+"""Datasets through Megatron-Core's builder, and the per-step batches of this rank.
+
+mock -> MockGPTDataset; indexed -> GPTDataset over a blend of .bin/.idx
+prefixes; text -> text files packed into indexed datasets first (corpus.py).
+Batches are addressed by step, so the data position in a checkpoint is just
+the step: resuming at step k reads exactly the samples an uninterrupted run
+would have read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+from recipec.compiler.schema import RecipeConfig
+
+from .corpus import pack
+
+Batch = dict[str, torch.Tensor]
+
+
+def build_datasets(c: RecipeConfig, tokenizer: Any, cache_dir: Path) -> tuple[Any, Any]:
+    """(train, valid) datasets sized for the whole run."""
+    d, t = c.data, c.train
+    prefixes: list[str] | None = None
+    if d.kind == "text":
+        prefixes = [pack(p, tokenizer, cache_dir) for p in d.paths]
+    elif d.kind == "indexed":
+        prefixes = list(d.paths)
+    elif d.kind == "sft":
+        raise NotImplementedError("data.kind='sft' is not implemented in this runtime yet; use text or indexed")
+    evals = (t.train_iters // t.eval_interval + 1) if t.eval_interval else 0
+    sizes = [t.train_iters * t.global_batch_size, max(evals, 1) * t.eval_iters * t.global_batch_size, 0]
+    config = GPTDatasetConfig(
+        random_seed=t.seed,
+        sequence_length=c.model.seq_length,
+        blend=(prefixes, list(d.weights) or None) if prefixes else None,
+        split=d.split,
+        path_to_cache=str(Path(d.cache_dir) if d.cache_dir else cache_dir / "index_cache"),
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
+    cls = GPTDataset if prefixes else MockGPTDataset
+    train, valid, _ = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
+    return train, valid
+
+
+def _collate(samples: list[Batch]) -> Batch:
+    return {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+
+
+def step_microbatches(dataset: Any, step: int, c: RecipeConfig, device: torch.device) -> list[Batch]:
+    """This data-parallel rank's microbatches of global batch number `step`."""
+    gbs, mbs = c.train.global_batch_size, c.train.micro_batch_size
+    dp = parallel_state.get_data_parallel_world_size()
+    rank = parallel_state.get_data_parallel_rank()
+    per_rank = gbs // dp
+    start = step * gbs + rank * per_rank
+    n = len(dataset)
+    indices = [(start + i) % n for i in range(per_rank)]
+    batches = []
+    for i in range(0, per_rank, mbs):
+        batch = _collate([dataset[j] for j in indices[i:i + mbs]])
+        batch = _this_cp_rank(batch)
+        batches.append({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+    return batches
+
+
+def _this_cp_rank(batch: Batch) -> Batch:
+    if parallel_state.get_context_parallel_world_size() == 1:
+        return batch
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    return get_batch_on_this_cp_rank(batch)
+
+
+def microbatch_iterator(batches: list[Batch]) -> Iterator[Batch]:
+    return iter(batches)

@@ -1,0 +1,82 @@
+"""Per-step metrics: the console progress line, metrics.jsonl and TensorBoard.
+
+Throughput is model FLOPs from the compiler's plan (Megatron's formula) over
+wall time; MFU is that against the accelerator's dense peak from the plan.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("recipec.runtime")
+
+
+class Meter:
+    """Accumulates steps between log lines; only the logging rank writes."""
+
+    def __init__(self, plan: dict[str, Any], out_dir: Path, world_size: int, tensorboard_dir: str | None,
+                 writer: bool) -> None:
+        self.flops_per_step = plan["flops_per_step"]
+        self.tokens_per_step = plan["tokens_per_step"]
+        self.peak = plan["peak_tflops"]
+        self.world = world_size
+        self.writer = writer
+        self.window_start = time.perf_counter()
+        self.window_steps = 0
+        self.skipped = 0
+        self.jsonl = open(out_dir / "metrics.jsonl", "a") if writer else None  # noqa: SIM115
+        self.tb = None
+        if writer and tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(tensorboard_dir)
+            except ImportError:
+                log.warning("tensorboard is not installed; logging.tensorboard_dir is ignored")
+
+    def record(self, step: int, loss: float, lr: float, grad_norm: float | None, skipped: bool) -> None:
+        self.window_steps += 1
+        self.skipped += int(skipped)
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}) + "\n")
+            self.jsonl.flush()
+
+    def report(self, step: int, total: int, loss: float, lr: float, grad_norm: float | None) -> dict[str, float]:
+        """Print one progress line for the steps since the last report and reset the window."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - self.window_start
+        step_time = elapsed / max(self.window_steps, 1)
+        tflops = self.flops_per_step / step_time / self.world / 1e12
+        stats = {
+            "step_time_s": step_time,
+            "tokens_per_s": self.tokens_per_step / step_time,
+            "tflops_per_gpu": tflops,
+            "mfu": tflops / self.peak if self.peak else 0.0,
+            "mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
+        }
+        if self.writer:
+            norm = f"{grad_norm:.3f}" if grad_norm is not None else "n/a"
+            mfu = f" | MFU {stats['mfu'] * 100:.1f}%" if self.peak else ""
+            mem = f" | mem {stats['mem_gib']:.1f} GiB" if stats["mem_gib"] else ""
+            log.info(f"step {step:>6}/{total} | loss {loss:.4f} | lr {lr:.3e} | grad norm {norm} | "
+                     f"skipped {self.skipped} | {stats['step_time_s'] * 1000:.0f} ms/step | "
+                     f"{stats['tokens_per_s']:,.0f} tok/s | {tflops:.1f} TFLOP/s/GPU{mfu}{mem}")
+            if self.tb:
+                for key, value in {"loss": loss, "lr": lr, **stats}.items():
+                    self.tb.add_scalar(key, value, step)
+        self.window_start = time.perf_counter()
+        self.window_steps = 0
+        return stats
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()

@@ -1,0 +1,169 @@
+"""Megatron-Core objects from the frozen config: TransformerConfig, GPTModel chunks, DDP.
+
+Every argument comes from the compiled RecipeConfig; nothing here reads TOML
+or guesses. On CPU (no CUDA) the model is built with CPU initialization and
+without fused kernels that exist only on GPUs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+
+from recipec.compiler.schema import RecipeConfig
+
+from .layer_spec import gpt_layer_spec
+
+log = logging.getLogger("recipec.runtime")
+
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "squared_relu": lambda x: torch.pow(F.relu(x), 2),
+}
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _supported(cls: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Drop keys this Megatron-Core version does not know (0.16 .. 0.19 differ)."""
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set(
+        inspect.signature(cls).parameters)
+    dropped = sorted(k for k in kwargs if k not in names)
+    if dropped:
+        log.debug("megatron-core %s lacks %s; left at their defaults", cls.__name__, dropped)
+    return {k: v for k, v in kwargs.items() if k in names}
+
+
+def transformer_config(c: RecipeConfig, *, on_gpu: bool, te: bool) -> TransformerConfig:
+    m, p, prec = c.model, c.parallel, c.precision
+    dtype = _DTYPES[prec.dtype]
+    kwargs: dict[str, Any] = dict(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
+        normalization=m.normalization,
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=m.gated_linear_unit,
+        activation_func=_ACTIVATIONS[m.activation],
+        add_bias_linear=m.add_bias_linear,
+        add_qkv_bias=m.add_qkv_bias,
+        qk_layernorm=m.qk_layernorm,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        context_parallel_size=p.context_parallel_size,
+        expert_model_parallel_size=p.expert_model_parallel_size,
+        expert_tensor_parallel_size=p.expert_tensor_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=prec.dtype == "bf16",
+        fp16=prec.dtype == "fp16",
+        recompute_granularity=m.recompute_granularity,
+        recompute_method=m.recompute_method if m.recompute_granularity == "full" else None,
+        recompute_num_layers=m.recompute_num_layers if m.recompute_granularity == "full" else None,
+        # Fused kernels that exist only on GPUs (apex/TE/triton) are off on CPU.
+        use_cpu_initialization=not on_gpu,
+        gradient_accumulation_fusion=on_gpu and te,
+        masked_softmax_fusion=on_gpu,
+        bias_activation_fusion=on_gpu and m.gated_linear_unit and m.activation == "silu" and te,
+        bias_dropout_fusion=on_gpu,
+        apply_rope_fusion=on_gpu and te,
+        persist_layer_norm=on_gpu and te,
+        cross_entropy_loss_fusion=on_gpu,
+        cross_entropy_fusion_impl="te" if te else "native",
+    )
+    if m.is_moe:
+        kwargs.update(
+            num_moe_experts=m.num_moe_experts,
+            moe_router_topk=m.moe_router_topk,
+            moe_ffn_hidden_size=m.moe_ffn_hidden_size,
+            moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
+            moe_router_load_balancing_type=m.moe_router_load_balancing_type,
+            moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+            moe_grouped_gemm=m.moe_grouped_gemm and on_gpu,
+            moe_token_dispatcher_type=m.moe_token_dispatcher_type,
+        )
+    if prec.fp8:
+        kwargs.update(
+            fp8="e4m3" if prec.fp8_format == "e4m3" else "hybrid",
+            fp8_recipe=prec.fp8,
+            fp8_amax_history_len=prec.fp8_amax_history_len,
+            fp8_amax_compute_algo=prec.fp8_amax_compute_algo,
+            fp8_param=prec.fp8_param_gather,
+        )
+    return TransformerConfig(**_supported(TransformerConfig, kwargs))
+
+
+def build_model_chunks(c: RecipeConfig, padded_vocab: int, *, on_gpu: bool) -> tuple[list[GPTModel], str]:
+    """This rank's model chunks (one per virtual pipeline stage) and which layer spec they use."""
+    m = c.model
+    spec, backend = gpt_layer_spec(m.num_moe_experts, m.moe_grouped_gemm and on_gpu, m.qk_layernorm, m.normalization)
+    if c.precision.fp8 and backend != "transformer_engine":
+        raise RuntimeError(f"precision.fp8={c.precision.fp8!r} needs Transformer Engine, which does not import "
+                           "here; install recipec[te] or unset precision.fp8")
+    config = transformer_config(c, on_gpu=on_gpu, te=backend == "transformer_engine")
+    vpp = c.parallel.virtual_pipeline_model_parallel_size or 1
+    chunks = []
+    for vp_stage in range(vpp):
+        kwargs: dict[str, Any] = dict(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=padded_vocab,
+            max_sequence_length=m.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+            if vpp > 1 else parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+            if vpp > 1 else parallel_state.is_pipeline_last_stage(),
+            share_embeddings_and_output_weights=m.share_embeddings_and_output_weights,
+            position_embedding_type=m.position_embedding_type,
+            rotary_percent=m.rotary_percent,
+            rotary_base=int(m.rotary_base),
+            rope_scaling=m.rope_scaling == "llama3",
+            rope_scaling_factor=m.rope_scaling_factor,
+            vp_stage=vp_stage if vpp > 1 else None,
+        )
+        if m.rope_scaling == "linear":
+            kwargs["seq_len_interpolation_factor"] = m.rope_scaling_factor
+        model = GPTModel(**_supported(GPTModel, kwargs))
+        if on_gpu:
+            model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+    return chunks, backend
+
+
+def wrap_ddp(c: RecipeConfig, chunks: list[GPTModel]) -> list[DistributedDataParallel]:
+    """Megatron-Core DDP with contiguous grad buffers (what the distributed optimizer shards)."""
+    o = c.optimizer
+    ddp_config = DistributedDataParallelConfig(**_supported(DistributedDataParallelConfig, dict(
+        grad_reduce_in_fp32=c.precision.grad_reduce_in_fp32,
+        overlap_grad_reduce=o.overlap_grad_reduce,
+        overlap_param_gather=o.overlap_param_gather and o.use_distributed_optimizer,
+        use_distributed_optimizer=o.use_distributed_optimizer,
+        check_for_nan_in_grad=True,
+        bucket_size=None if not o.overlap_grad_reduce else 40_000_000,
+    )))
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        wrapped.append(DistributedDataParallel(
+            config=chunk.config, ddp_config=ddp_config, module=chunk,
+            # Only the first chunk overlaps its grad reduce with the rest of backward.
+            disable_bucketing=i > 0,
+        ))
+    return wrapped

@@ -1,0 +1,287 @@
+"""The per-rank training entry point: `python -m recipec.runtime.train --artifact BUILD_DIR`.
+
+torchrun starts one of these per rank. It executes exactly the compiled
+artifact: init dist -> model -> optimizer + DDP -> data -> loop -> logs and
+dist checkpoints. SIGTERM/SIGUSR1 finish the current step, save, and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from recipec.compiler.errors import RecipeError
+from recipec.compiler.schema import RecipeConfig
+
+from .artifact import Artifact, load_artifact
+
+log = logging.getLogger("recipec.runtime")
+
+
+def _setup_logging() -> None:
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
+                        format=f"[recipec rank {rank}] %(message)s")
+    if rank != "0":
+        logging.getLogger("recipec.runtime").setLevel(logging.WARNING)
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
+
+
+class StopSignal:
+    """Remembers SIGTERM/SIGUSR1 so the loop can finish its step, save and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.received = signum
+
+    def agreed(self, device: torch.device) -> bool:
+        """All ranks stop together if any rank got a signal."""
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _init_distributed(c: RecipeConfig, on_gpu: bool) -> torch.device:
+    from megatron.core import parallel_state, tensor_parallel
+
+    if on_gpu:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if on_gpu else "gloo", timeout=timedelta(minutes=10))
+    p = c.parallel
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        context_parallel_size=p.context_parallel_size,
+        expert_model_parallel_size=p.expert_model_parallel_size,
+        expert_tensor_parallel_size=p.expert_tensor_parallel_size,
+    )
+    torch.manual_seed(c.train.seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(c.train.seed)
+    return device
+
+
+def _optimizer(c: RecipeConfig, ddp_chunks: list[Any]) -> tuple[Any, Any]:
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from .model import _DTYPES, _supported
+
+    o, s, prec = c.optimizer, c.scheduler, c.precision
+    config = OptimizerConfig(**_supported(OptimizerConfig, dict(
+        optimizer=o.optimizer, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, sgd_momentum=o.sgd_momentum,
+        clip_grad=o.clip_grad, use_distributed_optimizer=o.use_distributed_optimizer,
+        overlap_param_gather=o.overlap_param_gather and o.use_distributed_optimizer,
+        bf16=prec.dtype == "bf16", fp16=prec.dtype == "fp16", params_dtype=_DTYPES[prec.dtype],
+        initial_loss_scale=prec.initial_loss_scale, log_num_zeros_in_grad=False,
+    )))
+    optimizer = get_megatron_optimizer(config, ddp_chunks)
+    assert s.lr_warmup_iters is not None and s.lr_decay_iters is not None
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=s.lr_warmup_init, max_lr=o.lr, min_lr=o.min_lr,
+        lr_warmup_steps=s.lr_warmup_iters, lr_decay_steps=s.lr_decay_iters, lr_decay_style=s.lr_decay_style,
+        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=c.train.train_iters,
+        wd_incr_style="constant", use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
+        wsd_decay_steps=s.lr_wsd_decay_iters, lr_wsd_decay_style="linear" if s.lr_wsd_decay_iters else None,
+    )
+    return optimizer, scheduler
+
+
+def _wire_grad_sync(ddp_chunks: list[Any]) -> None:
+    """Let the pipeline schedule drive DDP: no grad sync inside accumulation, reduce at the end."""
+    from megatron.core.distributed import finalize_model_grads
+
+    config = ddp_chunks[0].module.config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = [c.no_sync for c in ddp_chunks] if len(ddp_chunks) > 1 else ddp_chunks[0].no_sync
+    if len(ddp_chunks) > 1 or ddp_chunks[0].ddp_config.overlap_grad_reduce:
+        config.grad_sync_func = [c.start_grad_sync for c in ddp_chunks] if len(ddp_chunks) > 1 else ddp_chunks[0].start_grad_sync
+    if ddp_chunks[0].ddp_config.overlap_param_gather:
+        config.param_sync_func = [c.start_param_sync for c in ddp_chunks] if len(ddp_chunks) > 1 else ddp_chunks[0].start_param_sync
+
+
+def _forward_step(data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    mask = batch["loss_mask"].float()
+
+    def loss_func(per_token: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
+        return loss, {"lm loss": loss.detach().clone()}
+
+    return output, loss_func
+
+
+def _reduce_loss(outputs: list[dict[str, torch.Tensor]], device: torch.device) -> float:
+    """Mean loss over microbatches and data/context ranks, made known to every rank."""
+    from megatron.core import parallel_state
+
+    reporter = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+                and parallel_state.get_tensor_model_parallel_rank() == 0)
+    value = torch.zeros(1, device=device)
+    if reporter and outputs:
+        value += torch.stack([o["lm loss"].float() for o in outputs]).mean()
+        value /= parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+    dist.all_reduce(value)
+    return float(value.item())
+
+
+def run(artifact: Artifact) -> int:
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from . import checkpoint as ckpt
+    from .data import build_datasets, step_microbatches
+    from .device import activate_cpu_mode
+    from .init import keyed_init
+    from .metrics import Meter
+    from .model import build_model_chunks, wrap_ddp
+    from .profiling import Profiler
+    from .tokenizer import build_tokenizer
+
+    c, plan = artifact.config, artifact.plan
+    on_gpu = torch.cuda.is_available() and c.launch.accelerator != "cpu"
+    if not on_gpu:
+        activate_cpu_mode()
+    if c.train.torch_compile:
+        raise RecipeError("train.torch_compile is not supported by this runtime yet; unset it")
+    device = _init_distributed(c, on_gpu)
+    rank0 = dist.get_rank() == 0
+    out_dir = Path(c.launch.output_dir.format(name=c.name))
+    if rank0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    chunks, backend = build_model_chunks(c, plan["padded_vocab_size"], on_gpu=on_gpu)
+    if not on_gpu:
+        keyed_init(chunks, c.train.seed, c.model.init_method_std, c.model.num_layers)
+    log.info(f"recipec: {c.name} ({artifact.fingerprint[:19]}) on {dist.get_world_size()} rank(s), "
+             f"{'cuda/nccl' if on_gpu else 'cpu/gloo (CPU mode: CUDA-only Megatron calls redirected)'}; "
+             f"layer spec: {backend}" + ("" if backend == "transformer_engine"
+                                          else " (Transformer Engine not importable: local modules + torch SDPA)"))
+    ddp_chunks = wrap_ddp(c, chunks)
+    _wire_grad_sync(ddp_chunks)
+    optimizer, scheduler = _optimizer(c, ddp_chunks)
+    tokenizer = build_tokenizer(c)
+    train_data, valid_data = build_datasets(c, tokenizer, out_dir / "data")
+
+    step = 0
+    ck = c.checkpoint
+    load_dir = ck.load or ck.save
+    if load_dir and Path(load_dir).is_dir():
+        step = ckpt.load_latest(Path(load_dir), ddp_chunks, optimizer, scheduler, artifact.fingerprint)
+    if step == 0 and ck.pretrained:
+        ckpt.load_latest(Path(ck.pretrained), ddp_chunks, optimizer, scheduler, artifact.fingerprint,
+                         with_optimizer=False)
+    if step:
+        scheduler.step(increment=0)
+        scheduler.num_steps = step
+        scheduler.step(increment=0)
+
+    forward_backward = get_forward_backward_func()
+    stop = StopSignal()
+    meter = Meter(plan, out_dir, dist.get_world_size(), c.logging.tensorboard_dir, writer=rank0)
+    profiler = Profiler(c.profiling, dist.get_rank(), out_dir, on_gpu)
+    model_arg = ddp_chunks if len(ddp_chunks) > 1 else ddp_chunks[0]
+    common = dict(forward_step_func=_forward_step, model=model_arg, num_microbatches=plan["microbatches_per_step"],
+                  seq_length=c.model.seq_length // c.parallel.context_parallel_size,
+                  micro_batch_size=c.train.micro_batch_size)
+    if rank0 and step:
+        log.info(f"continuing at step {step + 1} of {c.train.train_iters}")
+    last_saved = step
+    while step < c.train.train_iters:
+        profiler.before_step(step)
+        for chunk in ddp_chunks:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        batches = step_microbatches(train_data, step, c, device)
+        data = [iter(batches) for _ in ddp_chunks] if len(ddp_chunks) > 1 else iter(batches)
+        outputs = forward_backward(data_iterator=data, forward_only=False, **common)
+        ok, grad_norm, _ = optimizer.step()
+        scheduler.step(increment=1)
+        step += 1
+        loss = _reduce_loss(outputs, device)
+        lr = optimizer.param_groups[0]["lr"]
+        norm = float(grad_norm) if grad_norm is not None else None
+        meter.record(step, loss, lr, norm, skipped=not ok)
+        profiler.after_step(step)
+        if step % c.logging.log_interval == 0 or step == c.train.train_iters:
+            meter.report(step, c.train.train_iters, loss, lr, norm)
+        if c.train.eval_interval and step % c.train.eval_interval == 0:
+            _evaluate(c, ddp_chunks, valid_data, step, device, common, forward_backward)
+        stopping = stop.agreed(device) if c.train.exit_signal_handler else False
+        due = ck.save_interval and step % ck.save_interval == 0
+        if ck.save and (due or stopping or step == c.train.train_iters) and step != last_saved:
+            path = ckpt.save(Path(ck.save), step, ddp_chunks, optimizer, scheduler, artifact.fingerprint, ck.keep_last)
+            last_saved = step
+            if rank0:
+                log.info(f"saved checkpoint {path}")
+        if stopping:
+            if rank0:
+                log.info(f"stopping at step {step} on signal {stop.received or 'from another rank'}; "
+                         f"{'checkpoint saved' if ck.save else 'no checkpoint.save configured'}")
+            break
+    meter.close()
+    profiler.close()
+    dist.barrier()
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+    return 0
+
+
+def _evaluate(c: RecipeConfig, ddp_chunks: list[Any], valid_data: Any, step: int, device: torch.device,
+              common: dict[str, Any], forward_backward: Any) -> None:
+    from .data import step_microbatches
+
+    for chunk in ddp_chunks:
+        chunk.eval()
+    losses = []
+    with torch.no_grad():
+        for i in range(c.train.eval_iters):
+            batches = step_microbatches(valid_data, (step // (c.train.eval_interval or 1)) * c.train.eval_iters + i,
+                                        c, device)
+            data = [iter(batches) for _ in ddp_chunks] if len(ddp_chunks) > 1 else iter(batches)
+            outputs = forward_backward(data_iterator=data, forward_only=True, **common)
+            losses.append(_reduce_loss(outputs, device))
+    for chunk in ddp_chunks:
+        chunk.train()
+    if dist.get_rank() == 0:
+        mean = sum(losses) / len(losses)
+        log.info(f"eval at step {step}: loss {mean:.4f} (over {len(losses)} batches)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m recipec.runtime.train", description=__doc__)
+    parser.add_argument("--artifact", required=True, help="build directory (or its plan.json) from `recipec build`")
+    args = parser.parse_args(argv)
+    _setup_logging()
+    try:
+        artifact = load_artifact(args.artifact)
+        return run(artifact)
+    except RecipeError as exc:
+        print(f"recipec: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
