@@ -27,12 +27,17 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from recipec.compiler.errors import RecipeError
+
 from .device import prime_optimizer_state_for_load
 
 log = logging.getLogger("recipec.runtime")
 MANIFEST = "recipec_manifest.json"
 LATEST = "latest"
-SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+class LayoutChangeError(RecipeError):
+    """A good checkpoint that cannot be resumed under this layout: stop, never fall back past it."""
 
 
 def _step_dir(root: Path, step: int) -> Path:
@@ -63,7 +68,7 @@ def _rng_state() -> ShardedObject:
 
 
 def _state(chunks: list[Any], optimizer: Any, scheduler: Any, *, loading: bool, with_optimizer: bool,
-           with_rng: bool) -> dict[str, Any]:
+           with_rng: bool, sharding: str) -> dict[str, Any]:
     if len(chunks) == 1:
         model_sd = chunks[0].sharded_state_dict()
         state: dict[str, Any] = {"model": model_sd}
@@ -75,7 +80,8 @@ def _state(chunks: list[Any], optimizer: Any, scheduler: Any, *, loading: bool, 
             state[f"model{i}"] = sd
             model_sd.update(sd)
     if with_optimizer:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=SHARDING)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=loading, metadata={"distrib_optim_sharding_type": sharding})
         state["scheduler"] = scheduler.state_dict()
     if with_rng:
         state["rng_state"] = _rng_state()
@@ -83,7 +89,7 @@ def _state(chunks: list[Any], optimizer: Any, scheduler: Any, *, loading: bool, 
 
 
 def save(root: Path, step: int, chunks: list[Any], optimizer: Any, scheduler: Any, fingerprint: str,
-         keep_last: int | None) -> Path:
+         keep_last: int | None, sharding: str) -> Path:
     """Write checkpoint `step` atomically, then point `latest` at it and prune old ones."""
     final, tmp = _step_dir(root, step), root / f".tmp_iter_{step:07d}"
     rank0 = dist.get_rank() == 0
@@ -91,13 +97,14 @@ def save(root: Path, step: int, chunks: list[Any], optimizer: Any, scheduler: An
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    state = _state(chunks, optimizer, scheduler, loading=False, with_optimizer=True, with_rng=True)
+    state = _state(chunks, optimizer, scheduler, loading=False, with_optimizer=True, with_rng=True, sharding=sharding)
     state["recipec"] = {"step": step, "fingerprint": fingerprint, "layout": _layout()}
     dist_checkpointing.save(state, str(tmp))
     dist.barrier()
     if rank0:
         files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        meta = {"step": step, "fingerprint": fingerprint, "layout": _layout(), "files": files}
+        meta = {"step": step, "fingerprint": fingerprint, "layout": _layout(), "files": files,
+                "optimizer_sharding": sharding}
         (tmp / MANIFEST).write_text(json.dumps(meta, indent=1, sort_keys=True))
         _fsync_dir(tmp)
         if final.exists():
@@ -158,6 +165,8 @@ def load_latest(root: Path, chunks: list[Any], optimizer: Any, scheduler: Any, f
         if problem is None:
             try:
                 return _load(directory, chunks, optimizer, scheduler, fingerprint, with_optimizer)
+            except LayoutChangeError:
+                raise
             except Exception as exc:  # noqa: BLE001 - a corrupt checkpoint must not end the run
                 problem = f"{type(exc).__name__}: {exc}"
         if dist.get_rank() == 0:
@@ -169,10 +178,18 @@ def _load(directory: Path, chunks: list[Any], optimizer: Any, scheduler: Any, fi
           with_optimizer: bool) -> int:
     meta = json.loads((directory / MANIFEST).read_text())
     same_layout = meta.get("layout") == _layout()
+    sharding = meta.get("optimizer_sharding", "fully_reshardable")
+    saved, now = meta.get("layout", {}), _layout()
+    if with_optimizer and sharding == "dp_reshardable" and (saved.get("tp"), saved.get("pp")) != (now["tp"], now["pp"]):
+        raise LayoutChangeError(
+            f"{directory} holds dp_reshardable optimizer state saved under TP {saved.get('tp')} x PP "
+            f"{saved.get('pp')}; it resumes only under that layout (now TP {now['tp']} x PP {now['pp']}). "
+            "Resume with the saved layout, or start from its weights with checkpoint.pretrained")
     if with_optimizer:
         prime_optimizer_state_for_load(optimizer)
     with torch.no_grad():
-        state = _state(chunks, optimizer, scheduler, loading=True, with_optimizer=with_optimizer, with_rng=same_layout)
+        state = _state(chunks, optimizer, scheduler, loading=True, with_optimizer=with_optimizer,
+                       with_rng=same_layout, sharding=sharding)
         loaded = dist_checkpointing.load(state, str(directory))
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=True)

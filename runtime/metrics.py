@@ -61,6 +61,9 @@ class Meter:
             "mfu": tflops / self.peak if self.peak else 0.0,
             "mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
         }
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"step": step, "window_steps": self.window_steps, **stats}) + "\n")
+            self.jsonl.flush()
         if self.writer:
             norm = f"{grad_norm:.3f}" if grad_norm is not None else "n/a"
             mfu = f" | MFU {stats['mfu'] * 100:.1f}%" if self.peak else ""

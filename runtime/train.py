@@ -232,7 +232,8 @@ def run(artifact: Artifact) -> int:
         stopping = stop.agreed(device) if c.train.exit_signal_handler else False
         due = ck.save_interval and step % ck.save_interval == 0
         if ck.save and (due or stopping or step == c.train.train_iters) and step != last_saved:
-            path = ckpt.save(Path(ck.save), step, ddp_chunks, optimizer, scheduler, artifact.fingerprint, ck.keep_last)
+            path = ckpt.save(Path(ck.save), step, ddp_chunks, optimizer, scheduler, artifact.fingerprint, ck.keep_last,
+                             ck.optimizer_sharding)
             last_saved = step
             if rank0:
                 log.info(f"saved checkpoint {path}")

@@ -45,6 +45,12 @@ class CheckpointConfig:
         None, "Start weights (dist checkpoint or HF directory) for a finetune; no optimizer state."
     )
     format: str = option("torch_dist", "Dist checkpoint backend.", choices=("torch_dist",))
+    optimizer_sharding: str = option(
+        "fully_reshardable",
+        "Distributed-optimizer state layout: fully_reshardable loads under any TP/PP/DP; "
+        "dp_reshardable saves faster but resumes only under the same TP/PP.",
+        choices=("fully_reshardable", "dp_reshardable"),
+    )
     async_save: bool = option(False, "Write checkpoints in the background.")
 
 
