@@ -40,6 +40,10 @@ class LayoutChangeError(RecipeError):
     """A good checkpoint that cannot be resumed under this layout: stop, never fall back past it."""
 
 
+class CheckpointUnusableError(RecipeError):
+    """Checkpoints exist but none loads: stop rather than silently train from scratch."""
+
+
 def _step_dir(root: Path, step: int) -> Path:
     return root / f"iter_{step:07d}"
 
@@ -69,6 +73,8 @@ def _rng_state() -> ShardedObject:
 
 def _state(chunks: list[Any], optimizer: Any, scheduler: Any, *, loading: bool, with_optimizer: bool,
            with_rng: bool, sharding: str) -> dict[str, Any]:
+    # The unwrapped modules: DDP's state-dict keys carry a "module." prefix the model does not.
+    chunks = [getattr(chunk, "module", chunk) for chunk in chunks]
     if len(chunks) == 1:
         model_sd = chunks[0].sharded_state_dict()
         state: dict[str, Any] = {"model": model_sd}
@@ -160,6 +166,7 @@ def candidates(root: Path) -> list[Path]:
 def load_latest(root: Path, chunks: list[Any], optimizer: Any, scheduler: Any, fingerprint: str,
                 *, with_optimizer: bool = True) -> int:
     """Load the newest good checkpoint under `root`; the step to continue from (0 if none)."""
+    tried: list[str] = []
     for directory in candidates(root):
         problem = verify(directory)
         if problem is None:
@@ -171,6 +178,12 @@ def load_latest(root: Path, chunks: list[Any], optimizer: Any, scheduler: Any, f
                 problem = f"{type(exc).__name__}: {exc}"
         if dist.get_rank() == 0:
             log.warning("checkpoint %s is unusable: %s; trying the previous one", directory, problem)
+        tried.append(f"{directory.name}: {problem}")
+    if tried:
+        # A failed load may have written into the model; starting over would also bury the run.
+        raise CheckpointUnusableError(
+            f"no usable checkpoint under {root} ({'; '.join(tried)}); move the directory away to start "
+            "a fresh run, or point checkpoint.load at a good one")
     return 0
 
 
@@ -192,7 +205,7 @@ def _load(directory: Path, chunks: list[Any], optimizer: Any, scheduler: Any, fi
                        with_rng=same_layout, sharding=sharding)
         loaded = dist_checkpointing.load(state, str(directory))
     for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=True)
+        getattr(chunk, "module", chunk).load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=True)
     if with_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["scheduler"])

@@ -17,7 +17,7 @@ import zlib
 from typing import Any
 
 import torch
-from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
 _OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")
 
@@ -25,8 +25,8 @@ _OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")
 def keyed_init(chunks: list[Any], seed: int, std: float, num_layers: int) -> None:
     with torch.no_grad():
         for chunk in chunks:
-            for sharded in chunk.sharded_state_dict().values():
-                if not isinstance(sharded, ShardedTensor) or sharded.flattened_range is not None:
+            for sharded in _sharded_tensors(chunk.sharded_state_dict().values()):
+                if sharded.flattened_range is not None:
                     continue
                 key = sharded.key
                 generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
@@ -41,3 +41,16 @@ def keyed_init(chunks: list[Any], seed: int, std: float, num_layers: int) -> Non
                 for dim, offset in enumerate(sharded.global_offset[sharded.prepend_axis_num:]):
                     index.append(slice(offset, offset + sharded.data.shape[dim]))
                 sharded.data.copy_(full[tuple(index)].to(sharded.data.dtype))
+
+
+def _sharded_tensors(entries: Any) -> list[ShardedTensor]:
+    """ShardedTensors, with factories (the gated MLP's fc1 is saved as two halves) expanded;
+    the built halves are views of the parameter, so writing them initializes it."""
+    out: list[ShardedTensor] = []
+    for entry in entries:
+        if isinstance(entry, ShardedTensorFactory):
+            built = entry.build()
+            out += _sharded_tensors(built.values() if isinstance(built, dict) else built)
+        elif isinstance(entry, ShardedTensor):
+            out.append(entry)
+    return out
