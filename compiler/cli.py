@@ -149,6 +149,43 @@ def launch_cmd(recipe: str, overrides: tuple[str, ...], files: tuple[str, ...], 
     sys.exit(launch(compiled, out=out, dry_run=dry_run, node_rank=node_rank, echo=click.echo))
 
 
+@main.command("import-hf")
+@click.argument("path")
+@click.option("-o", "--out", metavar="FILE", help="Write the recipe here (default: print it).")
+@click.option("--base", type=click.Choice(["pretrain", "finetune"]), default="pretrain", show_default=True,
+              help="Bundled base to extend; finetune also sets checkpoint.pretrained to PATH.")
+@_user_errors
+def import_hf_cmd(path: str, out: str | None, base: str) -> None:
+    """A TOML recipe from a local Hugging Face model directory's config.json (offline)."""
+    from pathlib import Path
+
+    from .hf_import import recipe_from_hf
+
+    name = Path(out).stem if out else None
+    text = recipe_from_hf(path, base=base, name=name)
+    if out:
+        Path(out).write_text(text)
+        click.echo(f"wrote {out}")
+    else:
+        click.echo(text, nl=False)
+
+
+@main.command("convert", add_help_option=False,
+              context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def convert_cmd(args: tuple[str, ...]) -> None:
+    """Weights: `convert hf-to-mcore HF_DIR -o CKPT` | `convert mcore-to-hf CKPT --recipe R -o HF_OUT` (needs torch)."""
+    import importlib
+
+    try:  # the compiler never imports the runtime unless this command runs
+        runtime_cli = importlib.import_module("recipec.runtime.hf.cli")
+    except ImportError as exc:
+        click.echo(f"recipec: error: `recipec convert` needs the runtime (torch, megatron-core, safetensors): "
+                   f"{exc}\n   hint: pip install 'recipec[runtime]'", err=True)
+        sys.exit(USER_ERROR)
+    sys.exit(runtime_cli.main(list(args)))
+
+
 @main.command()
 def schema() -> None:
     """JSON Schema of the recipe format (for editor completion and checking)."""

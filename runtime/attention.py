@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

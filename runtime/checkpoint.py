@@ -164,7 +164,7 @@ def candidates(root: Path) -> list[Path]:
 
 
 def load_latest(root: Path, chunks: list[Any], optimizer: Any, scheduler: Any, fingerprint: str,
-                *, with_optimizer: bool = True) -> int:
+                *, with_optimizer: bool = True, require: bool = False) -> int:
     """Load the newest good checkpoint under `root`; the step to continue from (0 if none)."""
     tried: list[str] = []
     for directory in candidates(root):
@@ -184,6 +184,9 @@ def load_latest(root: Path, chunks: list[Any], optimizer: Any, scheduler: Any, f
         raise CheckpointUnusableError(
             f"no usable checkpoint under {root} ({'; '.join(tried)}); move the directory away to start "
             "a fresh run, or point checkpoint.load at a good one")
+    if require:
+        raise CheckpointUnusableError(f"no checkpoint under {root} (expected iter_*/ directories from recipec "
+                                      "or `recipec convert hf-to-mcore`, or a Hugging Face directory)")
     return 0
 
 

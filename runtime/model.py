@@ -44,6 +44,12 @@ def _supported(cls: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k in names}
 
 
+def _have_apex_wgrad_fusion() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+
+
 def transformer_config(c: RecipeConfig, *, on_gpu: bool, te: bool) -> TransformerConfig:
     m, p, prec = c.model, c.parallel, c.precision
     dtype = _DTYPES[prec.dtype]
@@ -80,7 +86,9 @@ def transformer_config(c: RecipeConfig, *, on_gpu: bool, te: bool) -> Transforme
         recompute_num_layers=m.recompute_num_layers if m.recompute_granularity == "full" else None,
         # Fused kernels that exist only on GPUs (apex/TE/triton) are off on CPU.
         use_cpu_initialization=not on_gpu,
-        gradient_accumulation_fusion=on_gpu and te,
+        # TE linears fuse wgrad accumulation themselves, but the output layer is a plain
+        # ColumnParallelLinear, which needs apex's fused_weight_gradient_mlp_cuda (raises without).
+        gradient_accumulation_fusion=on_gpu and te and _have_apex_wgrad_fusion(),
         masked_softmax_fusion=on_gpu,
         bias_activation_fusion=on_gpu and m.gated_linear_unit and m.activation == "silu" and te,
         bias_dropout_fusion=on_gpu,

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import zlib
-from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 

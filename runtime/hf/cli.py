@@ -1,0 +1,86 @@
+"""`recipec convert ...`: imported by compiler/cli.py only when the command runs (it needs torch)."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable
+
+import click
+
+from recipec.compiler.errors import RecipeError
+
+_overrides = click.argument("overrides", nargs=-1)
+_files = click.option("-f", "--file", "files", multiple=True, metavar="FILE", help="TOML overlay, applied in order.")
+
+
+def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except RecipeError as exc:
+            click.echo(f"recipec: error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def convert() -> None:
+    """Convert weights between Hugging Face directories and recipec/Megatron dist checkpoints."""
+
+
+@convert.command("hf-to-mcore")
+@click.argument("hf_dir")
+@_overrides
+@click.option("--recipe", metavar="R.toml|NAME", help="Recipe describing the model (default: what import-hf makes).")
+@_files
+@click.option("-o", "--out", required=True, metavar="CKPT_DIR", help="Checkpoint root to write (iter_0000000/, latest).")
+@_user_errors
+def hf_to_mcore_cmd(hf_dir: str, overrides: tuple[str, ...], recipe: str | None, files: tuple[str, ...], out: str) -> None:
+    """HF_DIR (config.json + safetensors) -> a dist checkpoint for checkpoint.pretrained/load.
+
+    One process writes it at TP=PP=1; under torchrun it uses the recipe's layout (for models
+    that do not fit one process). Loadable at any TP/PP whose padded vocabulary is the same."""
+    from .convert import hf_to_mcore
+
+    path = hf_to_mcore(hf_dir, out, recipe=recipe, overrides=overrides, files=files)
+    click.echo(f"wrote {path}")
+
+
+@convert.command("mcore-to-hf")
+@click.argument("ckpt_dir")
+@_overrides
+@click.option("--recipe", required=True, metavar="R.toml|NAME", help="Recipe the checkpoint was trained with.")
+@_files
+@click.option("-o", "--out", required=True, metavar="HF_OUT", help="Directory for safetensors + config.json.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors file (e.g. 500MB).")
+@_user_errors
+def mcore_to_hf_cmd(ckpt_dir: str, overrides: tuple[str, ...], recipe: str, files: tuple[str, ...], out: str,
+                    max_shard_size: str) -> None:
+    """CKPT_DIR (a checkpoint root or one iter_* directory) -> an HF directory transformers loads."""
+    from .convert import mcore_to_hf
+
+    path = mcore_to_hf(ckpt_dir, out, recipe=recipe, overrides=overrides, files=files,
+                       max_shard_size=_size(max_shard_size))
+    click.echo(f"wrote {path}")
+
+
+def _size(text: str) -> int:
+    units = {"KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "B": 1}
+    t = text.strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if t.endswith(unit) and t[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(t[: -len(unit)]) * units[unit])
+    if t.isdigit():
+        return int(t)
+    raise RecipeError(f"--max-shard-size {text!r}: use a size such as 500MB or 5GB")
+
+
+def main(args: list[str], prog_name: str = "recipec convert") -> int:
+    try:
+        convert.main(args=args, prog_name=prog_name, standalone_mode=True)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0

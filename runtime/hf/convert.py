@@ -1,0 +1,464 @@
+"""Weights between Hugging Face safetensors directories and recipec/Megatron dist checkpoints.
+
+- `load_hf_into_chunks`: fill this rank's Megatron model chunks (any TP/PP/EP layout,
+  local or TE spec) straight from an HF directory, tensor by tensor (safetensors
+  `safe_open`); what the runtime does for `checkpoint.pretrained = HF_DIR`.
+- `hf_to_mcore`: that, then a recipec dist checkpoint (`iter_0000000/` + manifest +
+  `latest`) written by `dist_checkpointing.save`, reshardable to other TP/PP layouts.
+  Run it under torchrun with a parallel layout to split a model that does not fit
+  one process's memory.
+- `mcore_to_hf`: reads a dist checkpoint without building a model, one layer at a
+  time (only the shards of that layer are read), and writes sharded safetensors +
+  config.json + model.safetensors.index.json.
+
+The architecture-specific part is only `mappings.TABLES`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import shutil
+import socket
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from recipec.compiler.errors import RecipeError
+from recipec.compiler.hf_import import hf_config, model_fields, read_hf_config, tokenizer_files
+from recipec.compiler.schema import RecipeConfig
+
+from .mappings import ArchMapping, Shape, canonical_name
+
+log = logging.getLogger("recipec.runtime")
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_PRECISION_OF = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+# Recipe fields an HF directory must agree with to be loaded into the recipe's model.
+_MUST_MATCH = ("architecture", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+               "num_query_groups", "kv_channels", "vocab_size", "share_embeddings_and_output_weights",
+               "qk_layernorm", "add_qkv_bias", "num_moe_experts", "moe_ffn_hidden_size")
+
+
+class HFConvertError(RecipeError):
+    """An HF directory or checkpoint that does not fit the recipe."""
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """A Hugging Face model directory (config.json + safetensors), not a recipec checkpoint root."""
+    p = Path(path)
+    return (p / "config.json").is_file() and any(p.glob("*.safetensors"))
+
+
+# ---------------------------------------------------------------- reading HF
+class HFReader:
+    """Tensor-by-tensor access to a local safetensors model (single file or index)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        from safetensors import safe_open
+
+        self.directory = Path(directory)
+        index = self.directory / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in self.directory.glob("*.safetensors"))
+            if not files:
+                raise HFConvertError(f"{self.directory} holds no *.safetensors weights (pytorch_model.bin is not read)")
+            weight_map = {}
+        self._handles = {f: safe_open(str(self.directory / f), framework="pt", device="cpu") for f in files}
+        if not weight_map:
+            for f, h in self._handles.items():
+                weight_map.update({k: f for k in h.keys()})
+        self.weight_map: dict[str, str] = weight_map
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self.weight_map.get(name)
+        if file is None:
+            raise HFConvertError(f"{self.directory}: tensor {name!r} is missing from the safetensors files")
+        return self._handles[file].get_tensor(name)
+
+
+def model_shape(c: RecipeConfig, padded_vocab: int) -> Shape:
+    m = c.model
+    assert m.num_query_groups is not None and m.kv_channels is not None
+    return Shape(heads=m.num_attention_heads, groups=m.num_query_groups, head_dim=m.kv_channels,
+                 vocab=m.vocab_size, padded_vocab=padded_vocab, tied=m.share_embeddings_and_output_weights)
+
+
+def check_hf_matches(hf_dir: Path, c: RecipeConfig) -> None:
+    """The HF config describes the recipe's model (shape, family, tying); else a RecipeError naming both."""
+    cfg, _ = read_hf_config(hf_dir)
+    fields, _row = model_fields(cfg)
+    m = c.model
+    bad = [f"model.{k} = {getattr(m, k)!r} but {hf_dir}/config.json gives {fields.get(k)!r}"
+           for k in _MUST_MATCH if fields.get(k) != getattr(m, k)]
+    if bad:
+        raise HFConvertError("the Hugging Face model does not match the recipe:\n   " + "\n   ".join(bad))
+
+
+# ---------------------------------------------------------------- filling a model
+def _sharded_tensors(sd: dict[str, Any]) -> Iterator[Any]:
+    """Every ShardedTensor of a model's sharded_state_dict, factories (fused fc1) expanded."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    stack = list(sd.values())
+    while stack:
+        item = stack.pop(0)
+        if isinstance(item, ShardedTensorFactory):
+            built = item.build()
+            stack[:0] = list(built.values()) if isinstance(built, dict) else list(built)
+        elif isinstance(item, ShardedTensor):
+            yield item
+        elif isinstance(item, dict):
+            stack[:0] = list(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack[:0] = list(item)
+
+
+def _local_index(sh: Any) -> tuple[slice, ...]:
+    return tuple(slice(o, o + n) for o, n in zip(sh.global_offset[sh.prepend_axis_num:], sh.data.shape))
+
+
+def load_hf_into_chunks(hf_dir: str | Path, chunks: Sequence[Any], c: RecipeConfig, padded_vocab: int) -> int:
+    """Copy the HF weights into this rank's model chunks; returns how many tensors were filled."""
+    hf_dir = Path(hf_dir)
+    check_hf_matches(hf_dir, c)
+    reader = HFReader(hf_dir)
+    mapping = ArchMapping(c.model.architecture, model_shape(c, padded_vocab))
+    cache: tuple[tuple[str, tuple[int, ...]], torch.Tensor] | None = None
+    filled = 0
+    with torch.no_grad():
+        for chunk in chunks:
+            module = getattr(chunk, "module", chunk)  # DDP-wrapped or not
+            for sh in _sharded_tensors(module.sharded_state_dict()):
+                if sh.flattened_range is not None:
+                    raise HFConvertError(f"{sh.key}: flattened shards are not supported here")
+                prefix = tuple(sh.global_offset[: sh.prepend_axis_num])
+                ident = (sh.key, prefix)
+                if cache is None or cache[0] != ident:  # fused fc1 arrives as two views of one tensor
+                    name = canonical_name(sh.key, prefix)
+                    full = mapping.to_mcore(name, reader.get)
+                    want = tuple(sh.global_shape[sh.prepend_axis_num:])
+                    if tuple(full.shape) != want:
+                        raise HFConvertError(f"{name}: the HF weights give shape {tuple(full.shape)}, the model "
+                                             f"expects {want}")
+                    cache = (ident, full)
+                sh.data.copy_(cache[1][_local_index(sh)].to(sh.data.dtype))
+                filled += 1
+    return filled
+
+
+# ---------------------------------------------------------------- process setup
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Megatron MoE modules that call torch.cuda directly (router.gating moves its weight to
+# torch.cuda.current_device(); the alltoall dispatcher makes a torch.cuda.Stream) and that
+# runtime/device.py's CPU mode does not list (yet): same treatment, applied here.
+_MOE_MODULES = ("megatron.core.transformer.moe.router", "megatron.core.transformer.moe.moe_layer",
+                "megatron.core.transformer.moe.token_dispatcher", "megatron.core.transformer.moe.experts",
+                "megatron.core.transformer.moe.moe_utils")
+
+
+def cpu_mode() -> None:
+    """runtime.device CPU mode, plus the MoE modules it does not cover."""
+    import importlib
+
+    from recipec.runtime import device
+
+    if torch.cuda.is_available():
+        return
+    device.activate_cpu_mode()
+    for name in _MOE_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - a version without the module has nothing to patch
+            continue
+        if getattr(mod, "torch", None) is torch:
+            mod.torch = device._CPU_TORCH  # type: ignore[attr-defined]
+            device.PATCHED.append(f"{name}:torch")
+        if name.endswith("moe_utils") and not hasattr(mod, "te_general_gemm"):
+            mod.te_general_gemm = None  # megatron-core 0.16 leaves it undefined without TE
+
+
+def ensure_distributed() -> bool:
+    """A gloo/nccl group: torchrun's when launched by it, else a private single-rank one. True if created."""
+    cpu_mode()
+    if dist.is_initialized():
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    return True
+
+
+@contextmanager
+def _no_random_init() -> Iterator[None]:
+    """Build models without drawing random weights (they are overwritten; saves time and RAM)."""
+    from recipec.runtime import model as rmodel
+
+    original = rmodel.transformer_config
+
+    def no_init(*args: Any, **kwargs: Any) -> Any:
+        return replace(original(*args, **kwargs), perform_initialization=False)
+
+    rmodel.transformer_config = no_init
+    try:
+        yield
+    finally:
+        rmodel.transformer_config = original
+
+
+def compile_recipe(recipe: str | None, overrides: Sequence[str], files: Sequence[str], hf_dir: Path | None) -> RecipeConfig:
+    """The frozen config of `recipe` (+overrides); without a recipe, the one `import-hf` makes for hf_dir."""
+    from recipec.compiler.api import build
+
+    if recipe is None:
+        if hf_dir is None:
+            raise HFConvertError("--recipe is required (the model's shape comes from it)")
+        import tempfile
+
+        from recipec.compiler.hf_import import recipe_from_hf
+
+        cfg, _ = read_hf_config(hf_dir)
+        dtype = _PRECISION_OF.get(str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"), "fp32")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "imported.toml"
+            path.write_text(recipe_from_hf(hf_dir, name="imported"))
+            return build(path, [f"precision.dtype={dtype}", *overrides], overlays=tuple(files)).config
+    return build(recipe, tuple(overrides), overlays=tuple(files)).config
+
+
+def _init_model_parallel(c: RecipeConfig) -> RecipeConfig:
+    """Model-parallel groups for this conversion: the recipe's layout under torchrun, TP=PP=1 alone."""
+    import attrs
+    from megatron.core import parallel_state, tensor_parallel
+
+    world = dist.get_world_size()
+    p = c.parallel
+    if world == 1:
+        p = attrs.evolve(p, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                         virtual_pipeline_model_parallel_size=None, context_parallel_size=1,
+                         expert_model_parallel_size=1, expert_tensor_parallel_size=1, sequence_parallel=False)
+        c = attrs.evolve(c, parallel=p)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=p.tensor_model_parallel_size,
+            pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+            context_parallel_size=p.context_parallel_size,
+            expert_model_parallel_size=p.expert_model_parallel_size,
+            expert_tensor_parallel_size=p.expert_tensor_parallel_size,
+        )
+    tensor_parallel.model_parallel_cuda_manual_seed(c.train.seed)
+    return c
+
+
+# ---------------------------------------------------------------- HF -> mcore
+def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, recipe: str | None = None, overrides: Sequence[str] = (),
+                files: Sequence[str] = ()) -> Path:
+    """Write a recipec dist checkpoint of the HF model at hf_dir under `out`; returns the step directory."""
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from recipec.runtime import checkpoint as ckpt
+    from recipec.runtime.model import build_model_chunks
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    if not is_hf_dir(hf_dir):
+        raise HFConvertError(f"{hf_dir} is not a Hugging Face model directory (config.json + *.safetensors)")
+    c = compile_recipe(recipe, overrides, files, hf_dir)
+    # The runtime pads the vocabulary for the recipe's TP; the checkpoint must have that shape.
+    padded = c.model.padded_vocab_size(c.parallel.tensor_model_parallel_size)
+    created = ensure_distributed()
+    try:
+        c = _init_model_parallel(c)
+        on_gpu = torch.cuda.is_available()
+        with _no_random_init():
+            chunks, _ = build_model_chunks(c, padded, on_gpu=on_gpu)
+        load_hf_into_chunks(hf_dir, chunks, c, padded)
+        rank0 = dist.get_rank() == 0
+        final, tmp = out / "iter_0000000", out / ".tmp_iter_0000000"
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        layout = {"tp": parallel_state.get_tensor_model_parallel_world_size(),
+                  "pp": parallel_state.get_pipeline_model_parallel_world_size(), "source": "hf"}
+        if len(chunks) == 1:
+            state: dict[str, Any] = {"model": chunks[0].sharded_state_dict()}
+        else:
+            state = {f"model{i}": ch.sharded_state_dict() for i, ch in enumerate(chunks)}
+        state["recipec"] = {"step": 0, "fingerprint": f"hf:{hf_dir.resolve()}", "layout": layout}
+        dist_checkpointing.save(state, str(tmp))
+        dist.barrier()
+        if rank0:
+            listing = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            # `layout` never equals a training layout (it has "source"), so loading it never restores RNG
+            # state that a conversion does not have.
+            meta = {"step": 0, "fingerprint": f"hf:{hf_dir.resolve()}", "layout": layout, "files": listing,
+                    "optimizer_sharding": "none", "converted_from": str(hf_dir.resolve()),
+                    "padded_vocab_size": padded}
+            (tmp / ckpt.MANIFEST).write_text(json.dumps(meta, indent=1, sort_keys=True))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            (out / ckpt.LATEST).write_text("0\n")
+        dist.barrier()
+        return final
+    finally:
+        if created:
+            parallel_state.destroy_model_parallel()
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- mcore -> HF
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A step directory from a checkpoint root (`latest`, else the newest complete iter_*) or itself."""
+    from recipec.runtime import checkpoint as ckpt
+
+    p = Path(path)
+    if (p / "metadata.json").is_file() or (p / ".metadata").is_file():
+        return p
+    marker = p / ckpt.LATEST
+    if marker.is_file():
+        step_dir = p / f"iter_{int(marker.read_text().strip()):07d}"
+        if step_dir.is_dir():
+            return step_dir
+    steps = sorted(ckpt.complete_steps(p))
+    if steps:
+        return p / f"iter_{steps[-1]:07d}"
+    raise HFConvertError(f"{p} holds no recipec/Megatron dist checkpoint (no `latest`, no iter_*/)")
+
+
+def _prepend_axes(key: str) -> int:
+    if not key.startswith("decoder.layers."):
+        return 0
+    return 2 if ".experts.experts." in key else 1
+
+
+class _ShardWriter:
+    """safetensors shards of at most max_bytes, then the index (as save_pretrained names them)."""
+
+    def __init__(self, out: Path, max_bytes: int) -> None:
+        self.out, self.max_bytes = out, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.written: list[tuple[str, list[str], int]] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.size + nbytes > self.max_bytes:
+            self.flush()
+        self.pending[name] = tensor.contiguous()
+        self.size += nbytes
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        name = f".shard-{len(self.written) + 1:05d}.safetensors"
+        save_file(self.pending, str(self.out / name), metadata={"format": "pt"})
+        self.written.append((name, list(self.pending), self.size))
+        self.pending, self.size = {}, 0
+
+    def finish(self) -> list[str]:
+        self.flush()
+        n = len(self.written)
+        names = []
+        weight_map: dict[str, str] = {}
+        for i, (tmp, keys, _size) in enumerate(self.written, 1):
+            final = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(self.out / tmp, self.out / final)
+            names.append(final)
+            weight_map.update({k: final for k in keys})
+        if n > 1:
+            total = sum(s for _, _, s in self.written)
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return names
+
+
+def mcore_to_hf(ckpt_dir: str | Path, out: str | Path, *, recipe: str, overrides: Sequence[str] = (),
+                files: Sequence[str] = (), max_shard_size: int = 5 * 1024**3) -> Path:
+    """Write an HF directory (safetensors shards, index, config.json, tokenizer files) from a dist checkpoint."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    step_dir = resolve_checkpoint(ckpt_dir)
+    c = compile_recipe(recipe, overrides, files, None)
+    m = c.model
+    out = Path(out)
+    created = ensure_distributed()
+    try:
+        if dist.get_world_size() != 1:
+            raise HFConvertError("mcore-to-hf runs as one process (it reads the checkpoint layer by layer); "
+                                 "start it without torchrun")
+        metadata = dist_checkpointing.load_tensors_metadata(str(step_dir))
+        model_keys = {k: v for k, v in metadata.items()
+                      if k.split(".")[0] in ("embedding", "decoder", "output_layer") and not k.endswith("_extra_state")}
+        emb = model_keys.get("embedding.word_embeddings.weight")
+        if emb is None:
+            raise HFConvertError(f"{step_dir} has no embedding.word_embeddings.weight; is it a GPT checkpoint?")
+        padded = int(emb.global_shape[0])
+        mapping = ArchMapping(m.architecture, model_shape(c, padded))
+        dtype = emb.dtype
+        out.mkdir(parents=True, exist_ok=True)
+        writer = _ShardWriter(out, max_shard_size)
+        produced: set[str] = set()
+
+        def emit(key: str) -> None:
+            """Load checkpoint tensor `key` whole (all layers/experts of one weight), emit its HF tensors."""
+            meta = model_keys[key]
+            whole = ShardedTensor.from_rank_offsets(key, torch.empty(tuple(meta.global_shape), dtype=meta.dtype),
+                                                    replica_id=0)
+            tensor = dist_checkpointing.load({"t": whole}, str(step_dir))["t"]
+            axes = _prepend_axes(key)
+            for prefix in itertools.product(*(range(n) for n in tensor.shape[:axes])):
+                part = tensor[prefix] if prefix else tensor
+                for name, t in mapping.to_hf(canonical_name(key, prefix), part).items():
+                    writer.add(name, t.clone())
+                    produced.add(name)
+            del tensor
+
+        keys = sorted(model_keys)
+        if m.share_embeddings_and_output_weights:
+            keys = [k for k in keys if k != "output_layer.weight"]
+        for key in keys:
+            emit(key)
+        hf_names = set()
+        for name in mapping.mcore_names(m.num_layers, m.num_moe_experts):
+            rule, idx = mapping.rule_for(name)
+            hf_names.update(mapping.fill(h, idx) for h in rule.hf)
+        missing = sorted(hf_names - produced)
+        if missing:
+            raise HFConvertError(f"{step_dir} lacks the Megatron tensors for {len(missing)} HF tensors, e.g. "
+                                 f"{missing[:3]}; does the recipe describe this checkpoint?")
+        shards = writer.finish()
+        config = hf_config(m, dtype=_DTYPE_NAMES.get(dtype, "float32"))
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        tok = c.tokenizer
+        if tok.type == "huggingface" and tok.path and Path(tok.path).is_dir():
+            for name in tokenizer_files(Path(tok.path)) + ["special_tokens_map.json"]:
+                if (Path(tok.path) / name).is_file():
+                    shutil.copy2(Path(tok.path) / name, out / name)
+        log.info("wrote %s (%d tensors in %s)", out, len(produced), ", ".join(shards))
+        return out
+    finally:
+        if created:
+            dist.destroy_process_group()

@@ -1,0 +1,213 @@
+"""Per-architecture weight mappings between Hugging Face and Megatron-Core, as data.
+
+A table is a tuple of `Rule(mcore, hf, transform)`: `mcore` is a Megatron parameter
+named as the local layer spec names it, `hf` the Hugging Face tensor(s) it is made of,
+with `{L}` (layer) and `{E}` (expert) placeholders, and `transform` one of the named,
+invertible transforms in `TRANSFORMS`. Adding an architecture is adding a table to
+`TABLES` (and a row to compiler/hf_import.ARCHITECTURES for its config.json).
+
+Megatron's *checkpoint* keys differ from its module names: layers are stacked along
+a prepended axis (`decoder.layers.self_attention.linear_qkv.weight`, shape
+[layers, ...]), experts along a second one, and the local spec stores its norms
+under the Transformer Engine names (`linear_qkv.layer_norm_weight` for
+`input_layernorm.weight`, `mlp.linear_fc1.layer_norm_weight` for
+`pre_mlp_layernorm.weight`). `canonical_name()` maps a checkpoint key plus its
+prepended offsets back to the module name, so the same tables serve the local and
+the TE spec, every TP/PP/EP layout, and checkpoints read without building a model.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class Rule:
+    mcore: str
+    hf: tuple[str, ...]
+    transform: str = "copy"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the transforms need to know about the model."""
+
+    heads: int
+    groups: int
+    head_dim: int
+    vocab: int
+    padded_vocab: int
+    tied: bool
+
+
+def _to_qkv(ts: Sequence[torch.Tensor], s: Shape) -> torch.Tensor:
+    """q [H*d, ...], k/v [G*d, ...] -> Megatron's per-group interleave [G*(H/G+2)*d, ...]."""
+    q, k, v = ts
+    rest = q.shape[1:]
+    per = s.heads // s.groups
+    parts = (q.reshape(s.groups, per * s.head_dim, *rest), k.reshape(s.groups, s.head_dim, *rest),
+             v.reshape(s.groups, s.head_dim, *rest))
+    return torch.cat(parts, dim=1).reshape(s.groups * (per + 2) * s.head_dim, *rest)
+
+
+def _from_qkv(t: torch.Tensor, s: Shape) -> list[torch.Tensor]:
+    per = s.heads // s.groups
+    rest = t.shape[1:]
+    g = t.reshape(s.groups, (per + 2) * s.head_dim, *rest)
+    q, k, v = torch.split(g, [per * s.head_dim, s.head_dim, s.head_dim], dim=1)
+    return [x.reshape(-1, *rest).contiguous() for x in (q, k, v)]
+
+
+def _to_vocab(ts: Sequence[torch.Tensor], s: Shape) -> torch.Tensor:
+    (t,) = ts
+    if t.shape[0] != s.vocab:
+        raise ValueError(f"vocabulary tensor has {t.shape[0]} rows, the recipe's model.vocab_size is {s.vocab}")
+    if s.padded_vocab == s.vocab:
+        return t
+    return torch.cat([t, t.new_zeros(s.padded_vocab - s.vocab, *t.shape[1:])])
+
+
+TRANSFORMS: dict[str, tuple[Callable[[Sequence[torch.Tensor], Shape], torch.Tensor],
+                            Callable[[torch.Tensor, Shape], list[torch.Tensor]]]] = {
+    # name: (HF tensors -> Megatron tensor, Megatron tensor -> HF tensors)
+    "copy": (lambda ts, s: ts[0], lambda t, s: [t]),
+    "vocab": (_to_vocab, lambda t, s: [t[: s.vocab].contiguous()]),
+    "qkv": (_to_qkv, _from_qkv),
+    "gate_up": (lambda ts, s: torch.cat(list(ts), dim=0),
+                lambda t, s: [x.contiguous() for x in torch.chunk(t, 2, dim=0)]),
+}
+
+# ---------------------------------------------------------------- tables
+_L = "decoder.layers.{L}."
+_H = "model.layers.{L}."
+
+COMMON = (
+    Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab"),
+    Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
+    Rule("output_layer.weight", ("lm_head.weight",), "vocab"),  # absent when tied
+    Rule(_L + "input_layernorm.weight", (_H + "input_layernorm.weight",)),
+    Rule(_L + "self_attention.linear_qkv.weight",
+         (_H + "self_attn.q_proj.weight", _H + "self_attn.k_proj.weight", _H + "self_attn.v_proj.weight"), "qkv"),
+    Rule(_L + "self_attention.linear_proj.weight", (_H + "self_attn.o_proj.weight",)),
+    Rule(_L + "pre_mlp_layernorm.weight", (_H + "post_attention_layernorm.weight",)),
+)
+DENSE_MLP = (
+    Rule(_L + "mlp.linear_fc1.weight", (_H + "mlp.gate_proj.weight", _H + "mlp.up_proj.weight"), "gate_up"),
+    Rule(_L + "mlp.linear_fc2.weight", (_H + "mlp.down_proj.weight",)),
+)
+QKV_BIAS = (
+    Rule(_L + "self_attention.linear_qkv.bias",
+         (_H + "self_attn.q_proj.bias", _H + "self_attn.k_proj.bias", _H + "self_attn.v_proj.bias"), "qkv"),
+)
+QK_NORM = (
+    Rule(_L + "self_attention.q_layernorm.weight", (_H + "self_attn.q_norm.weight",)),
+    Rule(_L + "self_attention.k_layernorm.weight", (_H + "self_attn.k_norm.weight",)),
+)
+_X = _L + "mlp.experts.local_experts.{E}."
+MIXTRAL_MOE = (
+    Rule(_L + "mlp.router.weight", (_H + "block_sparse_moe.gate.weight",)),
+    Rule(_X + "linear_fc1.weight", (_H + "block_sparse_moe.experts.{E}.w1.weight",
+                                    _H + "block_sparse_moe.experts.{E}.w3.weight"), "gate_up"),
+    Rule(_X + "linear_fc2.weight", (_H + "block_sparse_moe.experts.{E}.w2.weight",)),
+)
+QWEN_MOE = (
+    Rule(_L + "mlp.router.weight", (_H + "mlp.gate.weight",)),
+    Rule(_X + "linear_fc1.weight", (_H + "mlp.experts.{E}.gate_proj.weight",
+                                    _H + "mlp.experts.{E}.up_proj.weight"), "gate_up"),
+    Rule(_X + "linear_fc2.weight", (_H + "mlp.experts.{E}.down_proj.weight",)),
+)
+
+TABLES: dict[str, tuple[Rule, ...]] = {
+    "llama": COMMON + DENSE_MLP,
+    "mistral": COMMON + DENSE_MLP,
+    "qwen2": COMMON + QKV_BIAS + DENSE_MLP,
+    "qwen3": COMMON + QK_NORM + DENSE_MLP,
+    "mixtral": COMMON + MIXTRAL_MOE,
+    "qwen3_moe": COMMON + QK_NORM + QWEN_MOE,
+}
+
+# Checkpoint keys (layer/expert axes prepended) whose module name is not the key with
+# `{L}.` (and `{E}.`) put back: the local spec saves its norms under TE's fused names,
+# SequentialMLP saves its experts as `experts.experts`.
+CHECKPOINT_ALIASES: dict[str, str] = {
+    "decoder.layers.self_attention.linear_qkv.layer_norm_weight": _L + "input_layernorm.weight",
+    "decoder.layers.mlp.linear_fc1.layer_norm_weight": _L + "pre_mlp_layernorm.weight",
+    "decoder.layers.mlp.experts.experts.linear_fc1.weight": _X + "linear_fc1.weight",
+    "decoder.layers.mlp.experts.experts.linear_fc2.weight": _X + "linear_fc2.weight",
+}
+
+
+def canonical_name(key: str, prefix: Sequence[int]) -> str:
+    """Module name (local spec) of checkpoint `key` at prepended offsets `prefix` (layer, expert)."""
+    template = CHECKPOINT_ALIASES.get(key)
+    if template is None:
+        if key.startswith("decoder.layers."):
+            template = _L + key[len("decoder.layers."):]
+        else:
+            template = key
+    layer = prefix[0] if len(prefix) > 0 else None
+    expert = prefix[1] if len(prefix) > 1 else None
+    if ("{L}" in template) != (layer is not None) or ("{E}" in template) != (expert is not None):
+        raise KeyError(f"checkpoint key {key!r} with prepended offsets {tuple(prefix)} has no known module name")
+    return template.replace("{L}", str(layer)).replace("{E}", str(expert))
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    return re.compile(re.escape(template).replace(r"\{L\}", r"(?P<L>\d+)").replace(r"\{E\}", r"(?P<E>\d+)") + "$")
+
+
+class ArchMapping:
+    """One architecture's table bound to a model shape."""
+
+    def __init__(self, architecture: str, shape: Shape) -> None:
+        if architecture not in TABLES:
+            raise KeyError(f"no weight mapping for architecture {architecture!r}; known: {sorted(TABLES)}")
+        self.architecture = architecture
+        self.shape = shape
+        self.rules = tuple(r for r in TABLES[architecture] if not (shape.tied and r.mcore == "output_layer.weight"))
+        self._compiled = [(_pattern(r.mcore), r) for r in self.rules]
+
+    def rule_for(self, name: str) -> tuple[Rule, dict[str, str]]:
+        if self.shape.tied and name == "output_layer.weight":
+            name = "embedding.word_embeddings.weight"  # the last stage's copy of the tied embedding
+        for pattern, rule in self._compiled:
+            match = pattern.match(name)
+            if match:
+                return rule, match.groupdict()
+        raise KeyError(f"Megatron tensor {name!r} has no rule in the {self.architecture} mapping")
+
+    @staticmethod
+    def fill(template: str, idx: dict[str, str]) -> str:
+        for k, v in idx.items():
+            template = template.replace("{" + k + "}", v)
+        return template
+
+    def to_mcore(self, name: str, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        """The full (unsharded) Megatron tensor `name`, read from HF through `get(hf_name)`."""
+        rule, idx = self.rule_for(name)
+        return TRANSFORMS[rule.transform][0]([get(self.fill(h, idx)) for h in rule.hf], self.shape)
+
+    def to_hf(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """HF tensors made from the full Megatron tensor `name`."""
+        rule, idx = self.rule_for(name)
+        outs = TRANSFORMS[rule.transform][1](tensor, self.shape)
+        return {self.fill(h, idx): t for h, t in zip(rule.hf, outs)}
+
+    def mcore_names(self, num_layers: int, num_experts: int | None) -> list[str]:
+        """Every Megatron tensor of the model, in HF-friendly order (layer by layer)."""
+        names: list[str] = []
+        for rule in self.rules:
+            if "{L}" not in rule.mcore:
+                names.append(rule.mcore)
+        for layer in range(num_layers):
+            for rule in self.rules:
+                if "{L}" not in rule.mcore:
+                    continue
+                experts = range(num_experts or 0) if "{E}" in rule.mcore else [None]
+                for e in experts:
+                    names.append(self.fill(rule.mcore, {"L": str(layer)} | ({"E": str(e)} if e is not None else {})))
+        return names

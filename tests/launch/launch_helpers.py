@@ -1,0 +1,62 @@
+"""Helpers and fixtures for the launcher tests: a scratch working directory, free ports, runtime and SLURM gates.
+
+Most tests need neither torch nor SLURM. The end-to-end ones skip while
+`recipec.runtime.train` is not importable (runtime gate) or while no SLURM
+controller answers `sinfo` (SLURM gate: `bash .ci/slurm_setup.sh` starts one).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def slurm_answers() -> bool:
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return False
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    states = out.stdout.split()
+    return out.returncode == 0 and any(s.rstrip("*~#") in ("idle", "mix", "alloc") for s in states)
+
+
+@pytest.fixture
+def slurm() -> None:
+    """Skip unless a SLURM controller answers with a usable node (CI: bash .ci/slurm_setup.sh)."""
+    if not slurm_answers():
+        pytest.skip("no SLURM controller answers `sinfo` (run `bash .ci/slurm_setup.sh` as root)")
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A scratch cwd: build/ and runs/ (checkpoints, logs) land here, not in the repo."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def recipec_cmd(*args: str) -> list[str]:
+    """The `recipec` CLI through this interpreter (the venv's), as a subprocess."""
+    return [sys.executable, "-m", "recipec.compiler.cli", *args]
+
+
+def clean_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("RECIPEC_UPDATE_GOLDEN", None)
+    return env
