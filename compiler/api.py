@@ -94,8 +94,8 @@ class Compiled:
         return resolved_toml(self.config, self.tree, header=f"recipec resolved recipe {self.name}\nfingerprint {self.fingerprint}")
 
     def write(self, out_dir: str | FsPath | None = None) -> FsPath:
-        """Write resolved.toml, plan.json and launch.sh into the build directory."""
-        from .scripts import launch_script
+        """Write resolved.toml, plan.json, launch.sh (and job.sbatch for SLURM) into the build directory."""
+        from .scripts import launch_script, sbatch_script
 
         directory = FsPath(out_dir or self.artifact_dir)
         directory.mkdir(parents=True, exist_ok=True)
@@ -104,6 +104,11 @@ class Compiled:
         script = directory / "launch.sh"
         script.write_text(launch_script(self))
         script.chmod(0o755)
+        sbatch = directory / "job.sbatch"
+        if self.config.launch.executor == "slurm":
+            sbatch.write_text(sbatch_script(self))
+        else:
+            sbatch.unlink(missing_ok=True)  # a stale job script must not outlive its recipe
         return directory
 
 

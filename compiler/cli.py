@@ -85,7 +85,9 @@ def build_cmd(recipe: str, overrides: tuple[str, ...], files: tuple[str, ...], o
         click.echo(compiled.to_json(), nl=False)
     else:
         click.echo(_summary(compiled))
-        click.echo(f"  wrote    {directory}/resolved.toml, plan.json, launch.sh")
+        names = ("resolved.toml", "plan.json", "launch.sh", "job.sbatch")
+        written = ", ".join(n for n in names if (directory / n).is_file())
+        click.echo(f"  wrote    {directory}/{written}")
 
 
 @main.command()

@@ -105,6 +105,12 @@ _CUDA_ON_CPU_MODULES: tuple[str, ...] = (
     "megatron.core.dist_checkpointing.strategies.fully_parallel",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    # MoE: the router allocates on current_device(), the alltoall dispatcher makes a stream.
+    "megatron.core.transformer.moe.router",
+    "megatron.core.transformer.moe.moe_layer",
+    "megatron.core.transformer.moe.token_dispatcher",
+    "megatron.core.transformer.moe.experts",
+    "megatron.core.transformer.moe.moe_utils",
 )
 
 _FACTORIES: tuple[str, ...] = (
@@ -400,6 +406,10 @@ def activate_cpu_mode() -> bool:
         if mod is not None and getattr(mod, "torch", None) is torch:
             mod.torch = _CPU_TORCH  # type: ignore[attr-defined]
             PATCHED.append(f"{name}:torch")
+    moe_utils = _import("megatron.core.transformer.moe.moe_utils")
+    if moe_utils is not None and not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None  # type: ignore[attr-defined]  # 0.16 leaves it undefined without TE
+        PATCHED.append("megatron.core.transformer.moe.moe_utils:te_general_gemm")
     _patch_rng()
     _patch_method("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer",
                   "_build_model_and_main_param_groups")

@@ -232,8 +232,8 @@ def run(artifact: Artifact) -> int:
         log.info(f"continuing at step {step + 1} of {c.train.train_iters}")
     last_saved = step
     # Model, optimizer and Megatron state live for the whole run: keep them out of the cyclic
-    # GC's generations, else each full collection walks them all (~60 ms step-time spikes seen
-    # on an H100 every ~7 steps with the 1B model). Unfrozen below for in-process callers.
+    # GC's generations, else each full collection walks them all (Llama-3.2-1B on one H100:
+    # 208 -> 198 ms/step, bench/RESULTS.md). Unfrozen below, for callers that run() in-process.
     gc.collect()
     gc.freeze()
     while step < c.train.train_iters:

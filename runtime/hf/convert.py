@@ -166,30 +166,11 @@ def _free_port() -> int:
 # Megatron MoE modules that call torch.cuda directly (router.gating moves its weight to
 # torch.cuda.current_device(); the alltoall dispatcher makes a torch.cuda.Stream) and that
 # runtime/device.py's CPU mode does not list (yet): same treatment, applied here.
-_MOE_MODULES = ("megatron.core.transformer.moe.router", "megatron.core.transformer.moe.moe_layer",
-                "megatron.core.transformer.moe.token_dispatcher", "megatron.core.transformer.moe.experts",
-                "megatron.core.transformer.moe.moe_utils")
-
-
 def cpu_mode() -> None:
-    """runtime.device CPU mode, plus the MoE modules it does not cover."""
-    import importlib
-
+    """runtime.device's CPU mode (a no-op with CUDA)."""
     from recipec.runtime import device
 
-    if torch.cuda.is_available():
-        return
     device.activate_cpu_mode()
-    for name in _MOE_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - a version without the module has nothing to patch
-            continue
-        if getattr(mod, "torch", None) is torch:
-            mod.torch = device._CPU_TORCH  # type: ignore[attr-defined]
-            device.PATCHED.append(f"{name}:torch")
-        if name.endswith("moe_utils") and not hasattr(mod, "te_general_gemm"):
-            mod.te_general_gemm = None  # megatron-core 0.16 leaves it undefined without TE
 
 
 def ensure_distributed() -> bool:
