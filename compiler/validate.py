@@ -131,6 +131,10 @@ def experts(c: RecipeConfig) -> Iterator[Finding]:
     if m.moe_router_topk > m.num_moe_experts:
         yield ("model.moe_router_topk", f"moe_router_topk {m.moe_router_topk} exceeds num_moe_experts "
                f"{m.num_moe_experts}", None)
+    if ep > 1 and m.moe_token_dispatcher_type == "alltoall" and c.launch.accelerator == "cpu":
+        yield ("model.moe_token_dispatcher_type", "the alltoall token dispatcher needs NCCL; on CPU (gloo) "
+               f"expert parallelism ({ep}) works with the allgather dispatcher",
+               'set model.moe_token_dispatcher_type="allgather"')
     if p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
         yield ("parallel.sequence_parallel", "MoE with tensor parallelism needs sequence_parallel = true "
                "(Megatron-Core's token dispatcher requires it)", "set parallel.sequence_parallel=true")

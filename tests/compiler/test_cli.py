@@ -121,3 +121,12 @@ def test_help_and_version() -> None:
 def test_no_arguments_is_a_usage_error() -> None:
     result = run("build")
     assert result.exit_code == 2 and "Missing argument 'RECIPE'" in result.output
+
+
+def test_build_writes_the_sbatch_script_for_slurm_recipes_only(in_tmp: Path) -> None:
+    runner = CliRunner()
+    assert runner.invoke(main, ["build", "llama3_8b", "launch.executor=slurm", "-o", "out"]).exit_code == 0
+    script = (in_tmp / "out" / "job.sbatch").read_text()
+    assert "#SBATCH --nodes=1" in script and "#SBATCH --signal=B:USR1@" in script
+    assert runner.invoke(main, ["build", "llama3_8b", "-o", "out"]).exit_code == 0
+    assert not (in_tmp / "out" / "job.sbatch").exists()

@@ -210,3 +210,21 @@ def test_tampered_artifact_is_refused(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "modified after it was compiled" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_moe_with_expert_parallelism_trains(root: Path) -> None:
+    run = Run(root, "moe_ep2", 2, "train.train_iters=6", "model.num_moe_experts=4", "model.moe_router_topk=2",
+              "model.moe_ffn_hidden_size=128", "parallel.expert_model_parallel_size=2",
+              "model.moe_token_dispatcher_type=allgather", "checkpoint.save_interval=6")
+    run.run()
+    losses = run.losses()
+    assert sorted(losses) == list(range(1, 7)) and losses[6] < losses[1] - 0.5, losses
+    assert run.latest() == 6
+
+
+def test_alltoall_dispatcher_on_cpu_is_refused_at_compile_time() -> None:
+    from recipec.compiler import ValidationError
+
+    with pytest.raises(ValidationError, match="allgather"):
+        build("llama3_tiny", ["launch.gpus_per_node=2", "model.num_moe_experts=4",
+                              "parallel.expert_model_parallel_size=2"])
