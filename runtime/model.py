@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
@@ -117,6 +117,21 @@ def transformer_config(c: RecipeConfig, *, on_gpu: bool, te: bool) -> Transforme
             fp8_param=prec.fp8_param_gather,
         )
     return TransformerConfig(**_supported(TransformerConfig, kwargs))
+
+
+def init_model_parallel(c: RecipeConfig) -> None:
+    """Megatron's process groups for the recipe's layout, and the seeded RNG streams."""
+    p = c.parallel
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        context_parallel_size=p.context_parallel_size,
+        expert_model_parallel_size=p.expert_model_parallel_size,
+        expert_tensor_parallel_size=p.expert_tensor_parallel_size,
+    )
+    torch.manual_seed(c.train.seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(c.train.seed)
 
 
 def build_model_chunks(c: RecipeConfig, padded_vocab: int, *, on_gpu: bool) -> tuple[list[GPTModel], str]:

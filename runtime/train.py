@@ -64,7 +64,7 @@ class StopSignal:
 
 
 def _init_distributed(c: RecipeConfig, on_gpu: bool) -> torch.device:
-    from megatron.core import parallel_state, tensor_parallel
+    from .model import init_model_parallel
 
     if on_gpu:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -74,17 +74,7 @@ def _init_distributed(c: RecipeConfig, on_gpu: bool) -> torch.device:
         device = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if on_gpu else "gloo", timeout=timedelta(minutes=10))
-    p = c.parallel
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=p.tensor_model_parallel_size,
-        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
-        context_parallel_size=p.context_parallel_size,
-        expert_model_parallel_size=p.expert_model_parallel_size,
-        expert_tensor_parallel_size=p.expert_tensor_parallel_size,
-    )
-    torch.manual_seed(c.train.seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(c.train.seed)
+    init_model_parallel(c)
     return device
 
 

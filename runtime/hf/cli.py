@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-import sys
-from typing import Any, Callable
 
 import click
 
+
+from recipec.compiler.cli import _files, _overrides, _user_errors  # the CLI's one set of conventions
 from recipec.compiler.errors import RecipeError
-
-_overrides = click.argument("overrides", nargs=-1)
-_files = click.option("-f", "--file", "files", multiple=True, metavar="FILE", help="TOML overlay, applied in order.")
-
-
-def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except RecipeError as exc:
-            click.echo(f"recipec: error: {exc}", err=True)
-            sys.exit(2)
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -230,6 +230,8 @@ def _init_model_parallel(c: RecipeConfig) -> RecipeConfig:
     import attrs
     from megatron.core import parallel_state, tensor_parallel
 
+    from recipec.runtime.model import init_model_parallel
+
     world = dist.get_world_size()
     p = c.parallel
     if world == 1:
@@ -238,15 +240,9 @@ def _init_model_parallel(c: RecipeConfig) -> RecipeConfig:
                          expert_model_parallel_size=1, expert_tensor_parallel_size=1, sequence_parallel=False)
         c = attrs.evolve(c, parallel=p)
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=p.tensor_model_parallel_size,
-            pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
-            context_parallel_size=p.context_parallel_size,
-            expert_model_parallel_size=p.expert_model_parallel_size,
-            expert_tensor_parallel_size=p.expert_tensor_parallel_size,
-        )
-    tensor_parallel.model_parallel_cuda_manual_seed(c.train.seed)
+        init_model_parallel(c)
+    else:
+        tensor_parallel.model_parallel_cuda_manual_seed(c.train.seed)
     return c
 
 
