@@ -174,13 +174,17 @@ def build_model_chunks(c: RecipeConfig, padded_vocab: int, *, on_gpu: bool) -> t
 def wrap_ddp(c: RecipeConfig, chunks: list[GPTModel]) -> list[DistributedDataParallel]:
     """Megatron-Core DDP with contiguous grad buffers (what the distributed optimizer shards)."""
     o = c.optimizer
+    # With one data-parallel rank there is no reduction to overlap; the overlap machinery
+    # (buckets, hooks, streams) would only cost time (measured on H100, bench/RESULTS.md).
+    several = parallel_state.get_data_parallel_world_size(with_context_parallel=True) > 1
+    overlap_grad = o.overlap_grad_reduce and several
     ddp_config = DistributedDataParallelConfig(**_supported(DistributedDataParallelConfig, dict(
         grad_reduce_in_fp32=c.precision.grad_reduce_in_fp32,
-        overlap_grad_reduce=o.overlap_grad_reduce,
-        overlap_param_gather=o.overlap_param_gather and o.use_distributed_optimizer,
+        overlap_grad_reduce=overlap_grad,
+        overlap_param_gather=o.overlap_param_gather and o.use_distributed_optimizer and several,
         use_distributed_optimizer=o.use_distributed_optimizer,
-        check_for_nan_in_grad=True,
-        bucket_size=None if not o.overlap_grad_reduce else 40_000_000,
+        check_for_nan_in_grad=c.train.check_for_nan_in_grad,
+        bucket_size=None if not overlap_grad else 40_000_000,
     )))
     wrapped = []
     for i, chunk in enumerate(chunks):

@@ -56,12 +56,6 @@ class StopSignal:
     def _handle(self, signum: int, _frame: Any) -> None:
         self.received = signum
 
-    def agreed(self, device: torch.device) -> bool:
-        """All ranks stop together if any rank got a signal."""
-        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
 
 def _init_distributed(c: RecipeConfig, on_gpu: bool) -> torch.device:
     from .model import init_model_parallel
@@ -130,16 +124,34 @@ def _forward_step(data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
     return output, loss_func
 
 
-def _reduce_loss(outputs: list[dict[str, torch.Tensor]], device: torch.device) -> float:
-    """Mean loss over microbatches and data/context ranks, made known to every rank."""
+def _local_loss(outputs: list[dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
+    """This rank's share of the step's mean loss: summed over all ranks it is the global mean.
+
+    Stays on the device; the host reads it only when the pending steps are flushed, so a step
+    costs no extra host synchronization.
+    """
     from megatron.core import parallel_state
 
     reporter = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
                 and parallel_state.get_tensor_model_parallel_rank() == 0)
-    value = torch.zeros(1, device=device)
-    if reporter and outputs:
-        value += torch.stack([o["lm loss"].float() for o in outputs]).mean()
-        value /= parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+    if not (reporter and outputs):
+        return torch.zeros(1, device=device)
+    loss = torch.stack([o["lm loss"].float() for o in outputs]).mean().reshape(1)
+    return loss / parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+
+
+def _flush(pending: list[tuple[int, torch.Tensor, float, float | None, bool]], stop_flag: float,
+           device: torch.device) -> tuple[list[float], bool]:
+    """One all-reduce for the losses of the pending steps and the stop flag (MAX via the sum > 0)."""
+    values = torch.cat([p[1] for p in pending] + [torch.tensor([stop_flag], device=device)])
+    dist.all_reduce(values)
+    host = values.tolist()
+    return host[:-1], host[-1] > 0
+
+
+def _reduce_loss(outputs: list[dict[str, torch.Tensor]], device: torch.device) -> float:
+    """Mean loss over microbatches and data/context ranks, made known to every rank."""
+    value = _local_loss(outputs, device)
     dist.all_reduce(value)
     return float(value.item())
 
@@ -224,9 +236,14 @@ def run(artifact: Artifact) -> int:
     # Model, optimizer and Megatron state live for the whole run: keep them out of the cyclic
     # GC's generations, else each full collection walks them all (Llama-3.2-1B on one H100:
     # 208 -> 198 ms/step, bench/RESULTS.md). Unfrozen below, for callers that run() in-process.
-    gc.collect()
-    gc.freeze()
-    while step < c.train.train_iters:
+    gc_interval = c.train.manual_gc_interval
+    if gc_interval:
+        gc.collect()
+        gc.freeze()  # objects from start-up are never scanned again
+        gc.disable()
+    pending: list[tuple[int, torch.Tensor, float, float | None, bool]] = []
+    stopping = False
+    while step < c.train.train_iters and not stopping:
         profiler.before_step(step)
         for chunk in ddp_chunks:
             chunk.zero_grad_buffer()
@@ -237,29 +254,39 @@ def run(artifact: Artifact) -> int:
         ok, grad_norm, _ = optimizer.step()
         scheduler.step(increment=1)
         step += 1
-        loss = _reduce_loss(outputs, device)
-        lr = optimizer.param_groups[0]["lr"]
         norm = float(grad_norm) if grad_norm is not None else None
-        meter.record(step, loss, lr, norm, skipped=not ok)
+        pending.append((step, _local_loss(outputs, device), optimizer.param_groups[0]["lr"], norm, ok))
         profiler.after_step(step)
-        if step % c.logging.log_interval == 0 or step == c.train.train_iters:
-            meter.report(step, c.train.train_iters, loss, lr, norm)
-        if c.train.eval_interval and step % c.train.eval_interval == 0:
+        if gc_interval and step % gc_interval == 0:
+            gc.collect()
+        due_save = bool(ck.save_interval and step % ck.save_interval == 0)
+        due_eval = bool(c.train.eval_interval and step % c.train.eval_interval == 0)
+        last = step == c.train.train_iters
+        if not (step % c.logging.log_interval == 0 or last or due_save or due_eval):
+            continue
+        # Losses reach the host here, once per log interval, together with the stop decision.
+        received = 1.0 if (c.train.exit_signal_handler and stop.received) else 0.0
+        losses, stopping = _flush(pending, received, device)
+        for (s, _, lr, n, good), loss in zip(pending, losses):
+            meter.record(s, loss, lr, n, skipped=not good)
+        _, _, lr, norm, _ = pending[-1]
+        pending.clear()
+        if step % c.logging.log_interval == 0 or last:
+            meter.report(step, c.train.train_iters, losses[-1], lr, norm)
+        if due_eval:
             _evaluate(c, ddp_chunks, valid_data, step, device, common, forward_backward)
-        stopping = stop.agreed(device) if c.train.exit_signal_handler else False
-        due = ck.save_interval and step % ck.save_interval == 0
-        if ck.save and (due or stopping or step == c.train.train_iters) and step != last_saved:
+        if ck.save and (due_save or stopping or last) and step != last_saved:
             path = ckpt.save(Path(ck.save), step, ddp_chunks, optimizer, scheduler, artifact.fingerprint, ck.keep_last,
                              ck.optimizer_sharding)
             last_saved = step
             if rank0:
                 log.info(f"saved checkpoint {path}")
-        if stopping:
-            if rank0:
-                log.info(f"stopping at step {step} on signal {stop.received or 'from another rank'}; "
-                         f"{'checkpoint saved' if ck.save else 'no checkpoint.save configured'}")
-            break
-    gc.unfreeze()
+        if stopping and rank0:
+            log.info(f"stopping at step {step} on signal {stop.received or 'from another rank'}; "
+                     f"{'checkpoint saved' if ck.save else 'no checkpoint.save configured'}")
+    if gc_interval:
+        gc.enable()
+        gc.unfreeze()
     meter.close()
     profiler.close()
     dist.barrier()

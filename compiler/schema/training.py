@@ -17,7 +17,13 @@ class TrainConfig:
     seed: int = option(1234, "Random seed (init, data order, dropout).", min=0)
     torch_compile: bool = option(False, "torch.compile the model (non-TE path).")
     exit_signal_handler: bool = option(
-        True, "On SIGTERM/SIGUSR1 finish the step, save a checkpoint and exit 0."
+        True, "On SIGTERM/SIGUSR1 save a checkpoint at the next log step and exit 0."
+    )
+    manual_gc_interval: int = option(
+        100, "Run Python's garbage collector only every N steps (0: automatic GC, which stalls steps).", min=0
+    )
+    check_for_nan_in_grad: bool = option(
+        True, "DDP checks every gradient reduction for NaN/Inf and stops the run (costs a sync per step)."
     )
 
 
