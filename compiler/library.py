@@ -9,6 +9,11 @@ from .errors import RecipeError
 from .loader import bundled_recipes, library_dir
 
 
+def family(name: str) -> str:
+    """The model family of a recipe name: `llama31_70b_sft` -> `llama31` (Llama 3.1)."""
+    return name.split("/")[-1].split("_")[0]
+
+
 def library_table() -> str:
     groups: dict[str, list[str]] = defaultdict(list)
     for path in bundled_recipes():
@@ -20,11 +25,11 @@ def library_table() -> str:
             continue
         m, p, launch = c.config.model, c.plan, c.config.launch
         size = f"{p.params_total / 1e9:.2f}B" if p.params_total >= 1e8 else f"{p.params_total / 1e6:.1f}M"
-        groups[m.architecture].append(
+        groups[family(name)].append(
             f"  {name:<28} {size:>8}  seq {m.seq_length:<6} {launch.nodes:>3} x {launch.gpus_per_node:<2} "
             f"{c.config.description}"
         )
     lines = []
-    for family in sorted(groups):
-        lines += [f"{family}:", *groups[family], ""]
+    for group in sorted(groups):
+        lines += [f"{group}:", *groups[group], ""]
     return "\n".join(lines).rstrip() + "\n"

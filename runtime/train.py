@@ -156,6 +156,22 @@ def _reduce_loss(outputs: list[dict[str, torch.Tensor]], device: torch.device) -
     return float(value.item())
 
 
+def _refuse_unimplemented(c: RecipeConfig) -> None:
+    """Keys the schema accepts but this runtime does not execute yet: stop before any work,
+    rather than train something other than what the recipe says."""
+    missing = []
+    if c.peft.method:
+        missing.append(f"peft.method={c.peft.method!r} (LoRA adapters)")
+    if c.data.kind == "sft":
+        missing.append("data.kind='sft' (prompt/response jsonl)")
+    if c.train.torch_compile:
+        missing.append("train.torch_compile")
+    if missing:
+        raise RecipeError(f"{c.name}: this runtime does not implement {', '.join(missing)} yet; the recipe "
+                          "compiles and its plan is valid, but it cannot be trained here. Use a pretrain recipe, "
+                          "or unset these keys")
+
+
 def run(artifact: Artifact) -> int:
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -170,11 +186,10 @@ def run(artifact: Artifact) -> int:
     from .tokenizer import build_tokenizer
 
     c, plan = artifact.config, artifact.plan
+    _refuse_unimplemented(c)
     on_gpu = torch.cuda.is_available() and c.launch.accelerator != "cpu"
     if not on_gpu:
         activate_cpu_mode()
-    if c.train.torch_compile:
-        raise RecipeError("train.torch_compile is not supported by this runtime yet; unset it")
     device = _init_distributed(c, on_gpu)
     rank0 = dist.get_rank() == 0
     out_dir = Path(c.launch.output_dir.format(name=c.name))

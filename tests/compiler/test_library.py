@@ -204,7 +204,7 @@ def test_list_shows_every_recipe_by_family() -> None:
     assert result.exit_code == 0, result.output
     out = result.output
     assert "(broken)" not in out
-    for family in ("llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "mixtral"):
+    for family in ("llama2", "llama3", "llama31", "llama32", "qwen25", "qwen3", "mistral", "mixtral"):
         assert re.search(rf"^{family}:$", out, re.M), family
     for name in NAMES:
         c = compiled(name)

@@ -228,3 +228,11 @@ def test_alltoall_dispatcher_on_cpu_is_refused_at_compile_time() -> None:
     with pytest.raises(ValidationError, match="allgather"):
         build("llama3_tiny", ["launch.gpus_per_node=2", "model.num_moe_experts=4",
                               "parallel.expert_model_parallel_size=2"])
+
+
+def test_recipe_keys_the_runtime_does_not_execute_are_refused(tmp_path: Path) -> None:
+    directory = build("llama32_1b_lora", ["launch.accelerator=cpu", "launch.gpus_per_node=1"]).write(tmp_path / "b")
+    proc = subprocess.run([sys.executable, "-m", "recipec.runtime.train", "--artifact", str(directory)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "does not implement peft.method='lora'" in proc.stderr
+    assert "Traceback" not in proc.stderr
