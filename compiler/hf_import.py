@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Problem, RecipeError
+from .render import toml_value
 
 
 class HFImportError(RecipeError):
@@ -205,17 +206,6 @@ def tokenizer_files(directory: Path) -> list[str]:
     return [name for name in TOKENIZER_FILES if (directory / name).is_file()]
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        text = repr(value)
-        return text if any(c in text for c in ".eEn") else text + ".0"
-    return json.dumps(str(value))  # a TOML basic string is a JSON string for these values
-
-
 def recipe_from_hf(path: str | Path, *, base: str = "pretrain", name: str | None = None) -> str:
     """TOML recipe text for the HF model at `path` (a directory or its config.json)."""
     if base not in ("pretrain", "finetune"):
@@ -234,19 +224,19 @@ def recipe_from_hf(path: str | Path, *, base: str = "pretrain", name: str | None
         f"# Imported by `recipec import-hf` from {directory / 'config.json'}",
         f"# (model_type {cfg['model_type']!r}, {cfg.get('architectures', ['?'])[0]}).",
         "# Every [model] field below comes from that config.json; the rest from the bases.",
-        f"extends = [{', '.join(_toml_value(e) for e in extends)}]",
+        f"extends = [{', '.join(toml_value(e) for e in extends)}]",
     ]
     if name:
-        lines.append(f"name = {_toml_value(name)}")
+        lines.append(f"name = {toml_value(name)}")
     lines += ["", "[model]"]
     m.setdefault("seq_length", seq)
     for key, value in m.items():
-        lines.append(f"{key} = {_toml_value(value)}")
+        lines.append(f"{key} = {toml_value(value)}")
     if toks:
         lines += ["", f"# tokenizer files found: {', '.join(toks)}", "[tokenizer]",
-                  'type = "huggingface"', f"path = {_toml_value(str(directory))}"]
+                  'type = "huggingface"', f"path = {toml_value(str(directory))}"]
     if base == "finetune":
-        lines += ["", "[checkpoint]", f"pretrained = {_toml_value(str(directory))}"]
+        lines += ["", "[checkpoint]", f"pretrained = {toml_value(str(directory))}"]
     return "\n".join(lines) + "\n"
 
 

@@ -19,7 +19,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
-from recipec.compiler.schema import RecipeConfig
+from recipec.compiler.schema import ParallelConfig, RecipeConfig
 
 from .layer_spec import gpt_layer_spec
 
@@ -50,6 +50,14 @@ def _have_apex_wgrad_fusion() -> bool:
     return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
 
 
+def layout_sizes(p: ParallelConfig) -> dict[str, int | None]:
+    """The parallel sizes, under the names Megatron-Core's TransformerConfig and
+    initialize_model_parallel share (the schema uses the same names on purpose)."""
+    names = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+             "context_parallel_size", "expert_model_parallel_size", "expert_tensor_parallel_size")
+    return {name: getattr(p, name) for name in names}
+
+
 def transformer_config(c: RecipeConfig, *, on_gpu: bool, te: bool) -> TransformerConfig:
     m, p, prec = c.model, c.parallel, c.precision
     dtype = _DTYPES[prec.dtype]
@@ -70,12 +78,7 @@ def transformer_config(c: RecipeConfig, *, on_gpu: bool, te: bool) -> Transforme
         hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout,
         init_method_std=m.init_method_std,
-        tensor_model_parallel_size=p.tensor_model_parallel_size,
-        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
-        context_parallel_size=p.context_parallel_size,
-        expert_model_parallel_size=p.expert_model_parallel_size,
-        expert_tensor_parallel_size=p.expert_tensor_parallel_size,
+        **layout_sizes(p),
         sequence_parallel=p.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -121,15 +124,7 @@ def transformer_config(c: RecipeConfig, *, on_gpu: bool, te: bool) -> Transforme
 
 def init_model_parallel(c: RecipeConfig) -> None:
     """Megatron's process groups for the recipe's layout, and the seeded RNG streams."""
-    p = c.parallel
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=p.tensor_model_parallel_size,
-        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
-        context_parallel_size=p.context_parallel_size,
-        expert_model_parallel_size=p.expert_model_parallel_size,
-        expert_tensor_parallel_size=p.expert_tensor_parallel_size,
-    )
+    parallel_state.initialize_model_parallel(**layout_sizes(c.parallel))
     torch.manual_seed(c.train.seed)
     tensor_parallel.model_parallel_cuda_manual_seed(c.train.seed)
 
