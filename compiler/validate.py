@@ -173,6 +173,15 @@ def io(c: RecipeConfig) -> Iterator[Finding]:
     if d.kind in ("text", "sft") and tok.type == "null":
         yield ("tokenizer.type", f"data.kind {d.kind!r} holds text and needs a real tokenizer",
                'set tokenizer.type="byte" or "huggingface"')
+    if d.kind == "sft":
+        others = [p for p in d.paths if not p.endswith(".jsonl")]
+        if others:
+            yield ("data.paths", f"data.kind 'sft' reads jsonl files (one prompt/response or messages record "
+                   f"per line), and {others[0]!r} does not end in .jsonl",
+                   "name the files *.jsonl, or use data.kind=\"text\" for plain text")
+        if d.weights:
+            yield ("data.weights", "data.kind 'sft' concatenates its files; blend weights are not supported",
+                   "unset them with ~data.weights (repeat a file in data.paths to give it more weight)")
     if tok.type == "byte" and c.model.vocab_size < 257:
         yield ("model.vocab_size", f"the byte tokenizer needs vocab_size >= 257 (256 bytes + end of text), got {c.model.vocab_size}", None)
     if (ck.save_interval or ck.keep_last) and not ck.save:

@@ -119,6 +119,20 @@ CASES = [
     case("warmup-iters-and-fraction", {"r.toml": BASE + "[scheduler]\nlr_warmup_iters = 7\n"}, ["r.toml"],
          ValidationError, r"\[scheduler\.lr_warmup_fraction\] set lr_warmup_iters or lr_warmup_fraction, not both",
          r"hint: unset one of them"),
+    case("sft-paths-jsonl", {"r.toml": BASE + '[data]\nkind = "sft"\npaths = ["a.jsonl", "b.txt"]\n'
+                             '[tokenizer]\ntype = "byte"\n'},
+         ["r.toml"], ValidationError,
+         r"^r\.toml:6: \[data\.paths\] data\.kind 'sft' reads jsonl files .* 'b\.txt' does not end in \.jsonl",
+         r"hint: name the files \*\.jsonl"),
+    case("sft-no-weights", {"r.toml": BASE + '[data]\nkind = "sft"\npaths = ["a.jsonl"]\n'
+                            '[tokenizer]\ntype = "byte"\n'},
+         ["r.toml", "data.weights=[1.0]"], ValidationError,
+         r"\[data\.weights\] data\.kind 'sft' concatenates its files; blend weights are not supported",
+         r"hint: unset them with ~data\.weights"),
+    case("sft-needs-tokenizer", {"r.toml": BASE + '[data]\nkind = "sft"\npaths = ["a.jsonl"]\n'
+                                 '[tokenizer]\ntype = "null"\n'},
+         ["r.toml"], ValidationError,
+         r"^r\.toml:8: \[tokenizer\.type\] data\.kind 'sft' holds text and needs a real tokenizer", r"hint: set tokenizer\.type"),
     case("memory", {"r.toml": BASE}, ["r.toml", "optimizer.use_distributed_optimizer=false", "model.seq_length=65536"],
          ValidationError, r"dense\.toml:\d+: \[launch\.nodes\] estimated memory per GPU [\d.]+ GiB exceeds the H100-80GB's 79\.1 GiB \(weights", r"hint: add nodes"),
     case("missing-file", {}, ["nope.toml"], RecipeNotFoundError,
