@@ -1,7 +1,8 @@
 """Datasets through Megatron-Core's builder, and the per-step batches of this rank.
 
 mock -> MockGPTDataset; indexed -> GPTDataset over a blend of .bin/.idx
-prefixes; text -> text files packed into indexed datasets first (corpus.py).
+prefixes; text -> text files packed into indexed datasets first (corpus.py); sft -> jsonl
+prompt/response records, one padded example per sequence (sft.py).
 Batches are addressed by step, so the data position in a checkpoint is just
 the step: resuming at step k reads exactly the samples an uninterrupted run
 would have read.
@@ -28,15 +29,15 @@ Batch = dict[str, torch.Tensor]
 def build_datasets(c: RecipeConfig, tokenizer: Any, cache_dir: Path) -> tuple[Any, Any]:
     """(train, valid) datasets sized for the whole run."""
     d, t = c.data, c.train
+    evals = (t.train_iters // t.eval_interval + 1) if t.eval_interval else 0
+    sizes = [t.train_iters * t.global_batch_size, max(evals, 1) * t.eval_iters * t.global_batch_size, 0]
+    if d.kind == "sft":
+        return _sft_datasets(c, tokenizer, cache_dir, sizes)
     prefixes: list[str] | None = None
     if d.kind == "text":
         prefixes = [pack(p, tokenizer, cache_dir) for p in d.paths]
     elif d.kind == "indexed":
         prefixes = list(d.paths)
-    elif d.kind == "sft":
-        raise NotImplementedError("data.kind='sft' is not implemented in this runtime yet; use text or indexed")
-    evals = (t.train_iters // t.eval_interval + 1) if t.eval_interval else 0
-    sizes = [t.train_iters * t.global_batch_size, max(evals, 1) * t.eval_iters * t.global_batch_size, 0]
     config = GPTDatasetConfig(
         random_seed=t.seed,
         sequence_length=c.model.seq_length,
@@ -51,6 +52,19 @@ def build_datasets(c: RecipeConfig, tokenizer: Any, cache_dir: Path) -> tuple[An
     )
     cls = GPTDataset if prefixes else MockGPTDataset
     train, valid, _ = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
+    return train, valid
+
+
+def _sft_datasets(c: RecipeConfig, tokenizer: Any, cache_dir: Path, sizes: list[int]) -> tuple[Any, Any]:
+    from .sft import SFTDataError, build_sft_datasets
+
+    d = c.data
+    train, valid = build_sft_datasets(list(d.paths), tokenizer, c.model.seq_length, d.split, c.train.seed,
+                                      Path(d.cache_dir) if d.cache_dir else cache_dir / "sft_cache", sizes)
+    if valid is None and c.train.eval_interval:
+        raise SFTDataError(f"sft data: the valid split is empty (data.split={d.split!r} over {len(train.examples)}+ "
+                           "examples) but train.eval_interval is set; give the valid share more weight, or "
+                           "unset train.eval_interval (~train.eval_interval)")
     return train, valid
 
 

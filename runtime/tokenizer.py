@@ -62,6 +62,11 @@ class HFTokenizer:
         self.eod = eos if eos is not None else self.vocab_size - 1
         self.pad = self._tok.pad_token_id if self._tok.pad_token_id is not None else self.eod
 
+    @property
+    def hf(self) -> Any:
+        """The transformers tokenizer itself (sft data uses its chat template, when it has one)."""
+        return self._tok
+
     def tokenize(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False))
 

@@ -41,7 +41,7 @@ def _setup_logging() -> None:
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed.checkpoint")
     warnings.filterwarnings("ignore", category=FutureWarning, module="megatron.core.dist_checkpointing")
-    # The byte tokenizer pads with end-of-text on purpose (sequences are packed, never padded).
+    # The byte tokenizer pads with end-of-text on purpose (pretraining packs; sft masks the padding).
     warnings.filterwarnings("ignore", message="The pad token id in the tokenizer collides")
 
 
@@ -162,8 +162,6 @@ def _refuse_unimplemented(c: RecipeConfig) -> None:
     missing = []
     if c.peft.method:
         missing.append(f"peft.method={c.peft.method!r} (LoRA adapters)")
-    if c.data.kind == "sft":
-        missing.append("data.kind='sft' (prompt/response jsonl)")
     if c.train.torch_compile:
         missing.append("train.torch_compile")
     if missing:

@@ -1,0 +1,306 @@
+"""Supervised finetuning data (`data.kind = "sft"`): jsonl records, loss on the responses only.
+
+Each line of each file in `data.paths` is one JSON object, either
+
+    {"prompt": "...", "response": "..."}
+    {"messages": [{"role": "system"|"user"|"assistant"|..., "content": "..."}, ...]}
+
+(blank lines are skipped). An example's token ids are the prompt's followed by the response's
+and end-of-text; the loss covers the response tokens and that end-of-text, nothing else.
+
+- prompt/response: the two strings are tokenized separately and concatenated, with nothing
+  added between them (put any separator or template in the strings themselves).
+- messages, with a Hugging Face tokenizer that has a chat template: `apply_chat_template`
+  renders the whole conversation; the loss covers each assistant turn, located by rendering
+  the conversation up to that turn (with the generation prompt) and up to its end. Templates
+  that re-render earlier turns differently later (not prefix-consistent) are refused.
+- messages otherwise (byte tokenizer, HF tokenizer without a template): each message is
+  rendered as `<|{role}|>\\n{content}\\n`; the loss covers the content of assistant messages and
+  the newline after it (so the model learns where a turn ends), and the final end-of-text.
+
+One example per sequence, padded to `model.seq_length` (loss_mask 0 on the padding), never
+packed: the local (non-TE) layer spec has no packed-sequence attention, so packed examples
+would attend to each other; with one example per row, position ids 0..s-1 are exact and
+causal attention never sees the padding. The cost is compute on the padding. An example
+longer than seq_length + 1 tokens is truncated at the end; one whose response is cut away
+entirely carries no loss and is dropped. Both are counted and logged once.
+
+The examples of all files are concatenated, shuffled with `train.seed` and split into train /
+valid / test by `data.split`; each epoch over a split is shuffled again (seed + epoch), so
+sample i of a split is a pure function of (data, tokenizer, seq_length, seed, i) and resume by
+step stays exact. Tokenized files are cached under the run's data directory (or
+`data.cache_dir`): rank 0 builds, the others wait and read the same file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy
+import torch
+
+from recipec.compiler.errors import RecipeError
+
+log = logging.getLogger("recipec.runtime")
+
+_VERSION = 1  # bump when the cached arrays change meaning
+IGNORE = 0  # loss_mask value outside the responses
+
+
+class SFTDataError(RecipeError):
+    """A malformed sft jsonl file."""
+
+
+def _fail(path: str, line: int, what: str) -> SFTDataError:
+    return SFTDataError(f"{path}:{line}: {what}")
+
+
+def _str(path: str, line: int, value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise _fail(path, line, f"{name} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _chat_template(tokenizer: Any) -> Any:
+    """The HF tokenizer object when it has a chat template, else None."""
+    hf = getattr(tokenizer, "hf", None)
+    return hf if hf is not None and getattr(hf, "chat_template", None) else None
+
+
+def _render_messages(path: str, line: int, messages: list[dict[str, str]], tokenizer: Any) -> tuple[list[int], list[int]]:
+    """(ids, target) of a conversation: target[i] = 1 where ids[i] is trained on."""
+    hf = _chat_template(tokenizer)
+    if hf is None:
+        ids: list[int] = []
+        target: list[int] = []
+        for m in messages:
+            head = tokenizer.tokenize(f"<|{m['role']}|>\n")
+            body = tokenizer.tokenize(f"{m['content']}\n")
+            ids += head + body
+            target += [0] * len(head) + [1 if m["role"] == "assistant" else 0] * len(body)
+        return ids, target
+
+    def render(upto: int, generation_prompt: bool) -> list[int]:
+        out = hf.apply_chat_template(messages[:upto], tokenize=True, add_generation_prompt=generation_prompt)
+        if isinstance(out, dict) or hasattr(out, "input_ids"):  # BatchEncoding in newer transformers
+            out = out["input_ids"]
+        return [int(i) for i in out]
+
+    ids = render(len(messages), False)
+    target = [0] * len(ids)
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start, end = render(k, True), render(k + 1, False)
+        if ids[:len(start)] != start or ids[:len(end)] != end:
+            raise _fail(path, line, "the tokenizer's chat template does not render this conversation "
+                        "prefix-consistently, so the assistant turns cannot be located; use "
+                        '{"prompt": ..., "response": ...} records rendered by yourself')
+        for i in range(len(start), len(end)):
+            target[i] = 1
+    if ids and ids[-1] == tokenizer.eod:  # the template ends with end-of-text already: eod is added below
+        ids, target = ids[:-1], target[:-1]
+    return ids, target
+
+
+def parse_line(path: str, line: int, text: str, tokenizer: Any) -> tuple[list[int], list[int]]:
+    """(ids, target) of one jsonl record, end-of-text appended and trained on."""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _fail(path, line, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(record, dict):
+        raise _fail(path, line, f"expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise _fail(path, line, '"messages" must be a non-empty list of {"role": ..., "content": ...}')
+        for j, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise _fail(path, line, f'messages[{j}] must be an object with "role" and "content"')
+            _str(path, line, m["role"], f"messages[{j}].role")
+            _str(path, line, m["content"], f"messages[{j}].content")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise _fail(path, line, 'no message has role "assistant", so there is nothing to train on')
+        ids, target = _render_messages(path, line, messages, tokenizer)
+    elif "prompt" in record or "response" in record:
+        missing = [k for k in ("prompt", "response") if k not in record]
+        if missing:
+            raise _fail(path, line, f'missing "{missing[0]}" (records are {{"prompt": ..., "response": ...}} '
+                        'or {"messages": [...]})')
+        prompt = tokenizer.tokenize(_str(path, line, record["prompt"], '"prompt"'))
+        response = tokenizer.tokenize(_str(path, line, record["response"], '"response"'))
+        ids, target = prompt + response, [0] * len(prompt) + [1] * len(response)
+    else:
+        keys = ", ".join(sorted(record)) or "none"
+        raise _fail(path, line, f'expected "prompt" and "response", or "messages"; got keys: {keys}')
+    return ids + [tokenizer.eod], target + [1]
+
+
+def tokenize_file(path: str, tokenizer: Any, seq_length: int) -> dict[str, Any]:
+    """Every record of one file, truncated to seq_length + 1 tokens, as flat arrays."""
+    ids_all: list[int] = []
+    target_all: list[int] = []
+    offsets = [0]
+    lines: list[int] = []
+    truncated = dropped = 0
+    limit = seq_length + 1  # tokens[:-1] are the inputs, tokens[1:] the labels
+    try:
+        handle = open(path, "rb")
+    except OSError as exc:
+        raise SFTDataError(f"cannot read sft data file {path}: {exc.strerror}") from None
+    with handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _fail(path, number, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+            if not text.strip():
+                continue
+            ids, target = parse_line(path, number, text, tokenizer)
+            if len(ids) > limit:
+                truncated += 1
+                ids, target = ids[:limit], target[:limit]
+            if not any(target[1:]):  # the first token is never a label
+                dropped += 1
+                continue
+            ids_all += ids
+            target_all += target
+            offsets.append(len(ids_all))
+            lines.append(number)
+    if len(offsets) == 1:
+        raise SFTDataError(f"{path}: no usable records (empty file, or every response was truncated away "
+                           f"at seq_length {seq_length})")
+    dtype = numpy.int32
+    return dict(ids=numpy.asarray(ids_all, dtype=dtype), target=numpy.asarray(target_all, dtype=numpy.uint8),
+                offsets=numpy.asarray(offsets, dtype=numpy.int64), lines=numpy.asarray(lines, dtype=numpy.int64),
+                truncated=numpy.int64(truncated), dropped=numpy.int64(dropped))
+
+
+def _cache_path(path: str, tokenizer: Any, seq_length: int, cache_dir: Path) -> Path:
+    st = os.stat(path)
+    key = f"{_VERSION}|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{seq_length}|" \
+          f"{sorted(tokenizer.unique_identifiers.items())}"
+    return cache_dir / f"{Path(path).stem}_{hashlib.sha256(key.encode()).hexdigest()[:12]}_sft.npz"
+
+
+def _build_cache(path: str, tokenizer: Any, seq_length: int, target: Path) -> None:
+    if target.exists():
+        return
+    arrays = tokenize_file(path, tokenizer, seq_length)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.npz")
+    numpy.savez(tmp, **arrays)
+    os.replace(tmp, target)
+
+
+def load_tokenized(paths: list[str], tokenizer: Any, seq_length: int, cache_dir: Path) -> list[dict[str, Any]]:
+    """The tokenized arrays of each file; built once by rank 0 (errors raised on every rank)."""
+    import torch.distributed as dist
+
+    for p in paths:
+        if not os.path.isfile(p):
+            raise SFTDataError(f"sft data file {p} does not exist (data.paths)")
+    targets = [_cache_path(p, tokenizer, seq_length, cache_dir) for p in paths]
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    error: list[str | None] = [None]
+    if not distributed or dist.get_rank() == 0:
+        try:
+            for p, t in zip(paths, targets):
+                _build_cache(p, tokenizer, seq_length, t)
+        except RecipeError as exc:
+            error[0] = str(exc)
+            if not distributed:
+                raise
+    if distributed:
+        dist.broadcast_object_list(error, src=0)  # also the barrier: rank 0 has finished writing
+        if error[0] is not None:
+            raise SFTDataError(error[0])
+    out = []
+    for p, t in zip(paths, targets):
+        if not t.exists():  # a node that does not share rank 0's filesystem
+            _build_cache(p, tokenizer, seq_length, t)
+        with numpy.load(t) as z:
+            out.append({k: z[k] for k in z.files})
+    return out
+
+
+def _split_counts(n: int, split: str) -> tuple[int, int, int]:
+    weights = [float(x) for x in split.split(",")]
+    total = sum(weights) or 1.0
+    n_train = round(n * weights[0] / total)
+    n_valid = min(n - n_train, round(n * weights[1] / total))
+    return n_train, n_valid, n - n_train - n_valid
+
+
+class SFTDataset(torch.utils.data.Dataset):
+    """One split: sample i is example perm_{i // n}[i % n], padded to seq_length."""
+
+    def __init__(self, ids: numpy.ndarray, target: numpy.ndarray, offsets: numpy.ndarray,
+                 examples: numpy.ndarray, seq_length: int, pad: int, seed: int, num_samples: int) -> None:
+        self.ids, self.target, self.offsets = ids, target, offsets
+        self.examples = examples
+        self.seq_length, self.pad, self.seed = seq_length, pad, seed
+        n = len(examples)
+        self.epochs = max(1, -(-num_samples // n)) if n else 0
+        self._perms: dict[int, numpy.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.epochs * len(self.examples)
+
+    def example_index(self, i: int) -> int:
+        n = len(self.examples)
+        epoch, j = divmod(i, n)
+        perm = self._perms.get(epoch)
+        if perm is None:
+            perm = self._perms[epoch] = numpy.random.RandomState((self.seed + epoch) % 2**32).permutation(n)
+        return int(self.examples[perm[j]])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        k = self.example_index(i)
+        a, b = int(self.offsets[k]), int(self.offsets[k + 1])
+        ids = torch.from_numpy(self.ids[a:b].astype(numpy.int64))
+        target = torch.from_numpy(self.target[a:b].astype(numpy.float32))
+        s, used = self.seq_length, b - a - 1
+        tokens = torch.full((s,), self.pad, dtype=torch.int64)
+        labels = torch.full((s,), self.pad, dtype=torch.int64)
+        loss_mask = torch.zeros(s, dtype=torch.float32)
+        tokens[:used], labels[:used], loss_mask[:used] = ids[:-1], ids[1:], target[1:]
+        return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
+                "position_ids": torch.arange(s, dtype=torch.int64)}
+
+
+def build_sft_datasets(paths: list[str], tokenizer: Any, seq_length: int, split: str, seed: int,
+                       cache_dir: Path, sizes: list[int]) -> tuple[SFTDataset, SFTDataset | None]:
+    """(train, valid) over all files' examples; valid is None when its split is empty."""
+    parts = load_tokenized(paths, tokenizer, seq_length, cache_dir)
+    ids = numpy.concatenate([p["ids"] for p in parts])
+    target = numpy.concatenate([p["target"] for p in parts])
+    offsets, base = [numpy.zeros(1, dtype=numpy.int64)], 0
+    for p in parts:
+        offsets.append(p["offsets"][1:] + base)
+        base += int(p["offsets"][-1])
+    offsets_all = numpy.concatenate(offsets)
+    n = len(offsets_all) - 1
+    truncated = sum(int(p["truncated"]) for p in parts)
+    dropped = sum(int(p["dropped"]) for p in parts)
+    n_train, n_valid, n_test = _split_counts(n, split)
+    if truncated or dropped:
+        log.warning(f"sft data: {truncated} of {n + dropped} examples were longer than seq_length + 1 = "
+                    f"{seq_length + 1} tokens and were truncated at the end; {dropped} had no response token "
+                    f"left and were dropped")
+    log.info(f"sft data: {n} examples from {len(paths)} file(s) -> train {n_train}, valid {n_valid}, "
+             f"test {n_test} (data.split={split!r}); one example per sequence, padded to {seq_length}")
+    if n_train == 0:
+        raise SFTDataError(f"sft data: the train split of {n} examples is empty (data.split={split!r})")
+    order = numpy.random.RandomState(seed % 2**32).permutation(n)
+    pad = getattr(tokenizer, "pad", tokenizer.eod)
+    train = SFTDataset(ids, target, offsets_all, order[:n_train], seq_length, pad, seed + 1, sizes[0])
+    valid = (SFTDataset(ids, target, offsets_all, order[n_train:n_train + n_valid], seq_length, pad, seed + 2,
+                        sizes[1]) if n_valid else None)
+    return train, valid
