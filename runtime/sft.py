@@ -49,7 +49,6 @@ from recipec.compiler.errors import RecipeError
 log = logging.getLogger("recipec.runtime")
 
 _VERSION = 1  # bump when the cached arrays change meaning
-IGNORE = 0  # loss_mask value outside the responses
 
 
 class SFTDataError(RecipeError):
@@ -151,7 +150,7 @@ def tokenize_file(path: str, tokenizer: Any, seq_length: int) -> dict[str, Any]:
     truncated = dropped = 0
     limit = seq_length + 1  # tokens[:-1] are the inputs, tokens[1:] the labels
     try:
-        handle = open(path, "rb")
+        handle = open(path, "rb")  # noqa: SIM115 (closed by the with below; only open() may fail here)
     except OSError as exc:
         raise SFTDataError(f"cannot read sft data file {path}: {exc.strerror}") from None
     with handle:
@@ -176,10 +175,9 @@ def tokenize_file(path: str, tokenizer: Any, seq_length: int) -> dict[str, Any]:
     if len(offsets) == 1:
         raise SFTDataError(f"{path}: no usable records (empty file, or every response was truncated away "
                            f"at seq_length {seq_length})")
-    dtype = numpy.int32
-    return dict(ids=numpy.asarray(ids_all, dtype=dtype), target=numpy.asarray(target_all, dtype=numpy.uint8),
-                offsets=numpy.asarray(offsets, dtype=numpy.int64), lines=numpy.asarray(lines, dtype=numpy.int64),
-                truncated=numpy.int64(truncated), dropped=numpy.int64(dropped))
+    return {"ids": numpy.asarray(ids_all, dtype=numpy.int32), "target": numpy.asarray(target_all, dtype=numpy.uint8),
+            "offsets": numpy.asarray(offsets, dtype=numpy.int64), "lines": numpy.asarray(lines, dtype=numpy.int64),
+            "truncated": numpy.int64(truncated), "dropped": numpy.int64(dropped)}
 
 
 def _cache_path(path: str, tokenizer: Any, seq_length: int, cache_dir: Path) -> Path:
@@ -213,11 +211,12 @@ def load_tokenized(paths: list[str], tokenizer: Any, seq_length: int, cache_dir:
         try:
             for p, t in zip(paths, targets):
                 _build_cache(p, tokenizer, seq_length, t)
-        except RecipeError as exc:
-            error[0] = str(exc)
-            if not distributed:
-                raise
-    if distributed:
+        except Exception as exc:  # tell the waiting ranks, then fail here with the original error
+            error[0] = str(exc) if isinstance(exc, RecipeError) else f"rank 0 could not build the sft cache: {exc!r}"
+            if distributed:
+                dist.broadcast_object_list(error, src=0)
+            raise
+    if distributed:  # (rank 0 got here only without an error)
         dist.broadcast_object_list(error, src=0)  # also the barrier: rank 0 has finished writing
         if error[0] is not None:
             raise SFTDataError(error[0])

@@ -83,7 +83,7 @@ def test_long_examples_are_truncated_counted_and_logged_once(tmp_path: Path, cap
 def test_split_and_epochs_are_deterministic_and_disjoint(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"{i}:", "response": str(i)} for i in range(50)])
     a_train, a_valid = build(path, tmp_path / "a")
-    b_train, b_valid = build(path, tmp_path / "b")
+    b_train, _ = build(path, tmp_path / "b")
     c_train, _ = build(path, tmp_path / "c", seed=99)
     assert len(a_train.examples) == 40 and len(a_valid.examples) == 10
     assert a_train.examples.tolist() == b_train.examples.tolist() != c_train.examples.tolist()
