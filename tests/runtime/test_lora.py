@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("megatron.core")
 torch = pytest.importorskip("torch")
 
-from recipec.compiler import build  # noqa: E402
+from recipec.compiler import build
 
 RANK, ALPHA = 4, 8.0
 
@@ -19,7 +19,6 @@ RANK, ALPHA = 4, 8.0
 def mcore_tp1():
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
-
     from recipec.runtime.hf.convert import ensure_distributed
 
     created = ensure_distributed()
@@ -101,8 +100,10 @@ def test_step0_equals_base_and_only_adapters_train(mcore_tp1) -> None:
 
 
 def test_adapters_are_checkpoint_shards_with_their_tp_axis(mcore_tp1) -> None:
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
+    from megatron.core.dist_checkpointing.mapping import (
+        ShardedTensor,
+        ShardedTensorFactory,
+    )
     from recipec.runtime.lora import apply_lora
 
     c, model = _model(mcore_tp1)

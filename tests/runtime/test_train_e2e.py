@@ -263,7 +263,7 @@ def lora_tp2(root: Path, lora_base: Run) -> Run:
     return run
 
 
-def _model_tensors(step_dir: Path) -> dict[str, "object"]:
+def _model_tensors(step_dir: Path) -> dict[str, object]:
     """The model tensors of a dist checkpoint, read without Megatron (torch DCP reader)."""
     import torch
     import torch.distributed.checkpoint as dcp
