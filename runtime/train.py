@@ -160,8 +160,6 @@ def _refuse_unimplemented(c: RecipeConfig) -> None:
     """Keys the schema accepts but this runtime does not execute yet: stop before any work,
     rather than train something other than what the recipe says."""
     missing = []
-    if c.peft.method:
-        missing.append(f"peft.method={c.peft.method!r} (LoRA adapters)")
     if c.train.torch_compile:
         missing.append("train.torch_compile")
     if missing:
@@ -208,6 +206,21 @@ def run(artifact: Artifact) -> int:
             cpu_mode()
         load_hf_into_chunks(ck.pretrained, chunks, c, plan["padded_vocab_size"])
         log.info(f"loaded Hugging Face weights from {ck.pretrained}")
+    load_dir = ck.load or ck.save
+    resumable = bool(load_dir) and Path(load_dir).is_dir() and bool(ckpt.candidates(Path(load_dir)))
+    if ck.pretrained and not hf_pretrained and not resumable:
+        # Base weights go into the bare model, before adapters, DDP and the optimizer's copies exist.
+        loaded = ckpt.load_latest(Path(ck.pretrained), chunks, None, None, artifact.fingerprint,
+                                  with_optimizer=False, require=True)
+        log.info(f"started from the weights of {ck.pretrained} (step {loaded} there)")
+    if c.peft.method == "lora":
+        from .lora import apply_lora, init_adapters, parameter_counts
+
+        apply_lora(chunks, c)
+        init_adapters(chunks, c.train.seed)
+        trainable, total = parameter_counts(chunks)
+        log.info(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%; "
+                 f"rank {c.peft.lora_rank}, alpha {c.peft.lora_alpha:g}, targets {', '.join(c.peft.target_modules)})")
     log.info(f"recipec: {c.name} ({artifact.fingerprint[:19]}) on {dist.get_world_size()} rank(s), "
              f"{'cuda/nccl' if on_gpu else 'cpu/gloo (CPU mode: CUDA-only Megatron calls redirected)'}; "
              f"layer spec: {backend}" + ("" if backend == "transformer_engine"
@@ -219,14 +232,8 @@ def run(artifact: Artifact) -> int:
     train_data, valid_data = build_datasets(c, tokenizer, out_dir / "data")
 
     step = 0
-    load_dir = ck.load or ck.save
-    if load_dir and Path(load_dir).is_dir():
+    if resumable:
         step = ckpt.load_latest(Path(load_dir), ddp_chunks, optimizer, scheduler, artifact.fingerprint)
-    if step == 0 and ck.pretrained and not hf_pretrained:
-        loaded = ckpt.load_latest(Path(ck.pretrained), ddp_chunks, optimizer, scheduler, artifact.fingerprint,
-                                  with_optimizer=False, require=True)
-        optimizer.reload_model_params()  # the fp32 main params must start from the loaded weights
-        log.info(f"started from the weights of {ck.pretrained} (step {loaded} there)")
     if step:
         scheduler.step(increment=0)
         scheduler.num_steps = step

@@ -231,8 +231,78 @@ def test_alltoall_dispatcher_on_cpu_is_refused_at_compile_time() -> None:
 
 
 def test_recipe_keys_the_runtime_does_not_execute_are_refused(tmp_path: Path) -> None:
-    directory = build("llama32_1b_lora", ["launch.accelerator=cpu", "launch.gpus_per_node=1"]).write(tmp_path / "b")
+    directory = build("llama3_tiny", ["train.torch_compile=true"]).write(tmp_path / "b")
     proc = subprocess.run([sys.executable, "-m", "recipec.runtime.train", "--artifact", str(directory)],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "does not implement peft.method='lora'" in proc.stderr
+    assert proc.returncode == 2 and "does not implement train.torch_compile" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+LORA = ["peft.method=lora", "peft.lora_rank=8", "peft.lora_alpha=16", "optimizer.lr=1e-2"]
+
+
+@pytest.fixture(scope="module")
+def lora_base(root: Path) -> Run:
+    """A short full-training run whose checkpoint is the LoRA runs' checkpoint.pretrained."""
+    run = Run(root, "lora_base", 1, "train.train_iters=3", "checkpoint.save_interval=3", "train.eval_interval=100")
+    run.run()
+    return run
+
+
+@pytest.fixture(scope="module")
+def lora_ref(root: Path, lora_base: Run) -> tuple[Run, str]:
+    run = Run(root, "lora_ref", 1, "train.train_iters=10", f"checkpoint.pretrained={lora_base.ckpt}", *LORA)
+    return run, run.run()
+
+
+@pytest.fixture(scope="module")
+def lora_tp2(root: Path, lora_base: Run) -> Run:
+    run = Run(root, "lora_tp2", 2, "train.train_iters=5", "parallel.tensor_model_parallel_size=2",
+              f"checkpoint.pretrained={lora_base.ckpt}", *LORA)
+    run.run()
+    return run
+
+
+def _model_tensors(step_dir: Path) -> dict[str, object]:
+    """The model tensors of a dist checkpoint, read without Megatron (torch DCP reader)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(step_dir))
+    meta = reader.read_metadata()
+    names = [k for k, v in meta.state_dict_metadata.items()
+             if isinstance(v, TensorStorageMetadata) and not k.startswith(("optimizer", "rng"))]
+    state = {k: torch.empty(meta.state_dict_metadata[k].size, dtype=meta.state_dict_metadata[k].properties.dtype)
+             for k in names}
+    dcp.load(state, storage_reader=reader, no_dist=True)
+    return state
+
+
+def test_lora_trains_only_adapters_and_loss_falls(lora_base: Run, lora_ref: tuple[Run, str]) -> None:
+    run, output = lora_ref
+    assert "started from the weights of" in output
+    assert "LoRA: " in output and " trainable of " in output
+    losses = run.losses()
+    assert sorted(losses) == list(range(1, 11))
+    assert sum(losses[s] for s in range(8, 11)) / 3 < losses[1] - 0.2, losses
+    base = _model_tensors(lora_base.ckpt / "iter_0000003")
+    tuned = _model_tensors(run.ckpt / "iter_0000010")
+    adapters = {k for k in tuned if ".adapter." in k}
+    assert adapters and set(tuned) - adapters == set(base)
+    changed = [k for k in base if not bool((tuned[k] == base[k]).all())]
+    assert not changed, f"base weights moved under LoRA: {changed}"
+    assert any(bool(tuned[k].any()) for k in adapters if "linear_out" in k), "B stayed zero: adapters did not train"
+
+
+def test_lora_tensor_parallel_matches_single_rank(lora_ref: tuple[Run, str], lora_tp2: Run) -> None:
+    assert_close(lora_tp2.losses(), lora_ref[0].losses(), range(1, 6), "LoRA TP=2 vs TP=1")
+
+
+def test_lora_checkpoint_saved_under_tp2_resumes_under_tp1(root: Path, lora_base: Run, lora_ref: tuple[Run, str],
+                                                          lora_tp2: Run) -> None:
+    run = Run(root, "lora_resume", 1, "train.train_iters=10", f"checkpoint.load={lora_tp2.ckpt}",
+              f"checkpoint.pretrained={lora_base.ckpt}", *LORA)
+    output = run.run()
+    assert "resumed from" in output and "at step 5" in output and "started from the weights" not in output
+    assert_close(run.losses(), lora_ref[0].losses(), range(6, 11), "LoRA TP=2 checkpoint continued under TP=1")
