@@ -1,13 +1,26 @@
 """GPU benchmark: the recipec runtime (Megatron-Core + Transformer Engine) against a plain
-transformers training loop of the same model, in ONE Python process on one GPU.
+transformers training loop of the same model on one GPU: all variants in one Python process, or
+with --isolate each in its own child process (nothing, leaked memory included, carries over).
 
-    python bench/gpu_bench.py [--steps 30] [--warmup 10] [--variants hf,bf16,fp8_tensorwise,fp8_delayed]
-                              [--out DIR] [--deadline-s SECONDS] [--smoke]
+    python bench/gpu_bench.py [--steps 40] [--warmup 10] [--variants hf,bf16,fp8_tensorwise,bf16@8b]
+                              [--out DIR] [--deadline-s SECONDS] [--isolate] [--smoke]
 
-Model: the bundled `llama32_1b` recipe (Llama-3.2-1B shape: 16 layers, hidden 2048, 32 heads,
-8 query groups, ffn 8192, vocab 128256, tied embeddings) at seq 4096, micro batch 2, global
-batch 2, mock data, no checkpoints. Every variant is timed per step (device synchronised at the
-end of each step), the first --warmup steps are discarded, and the mean of the rest is reported.
+Shapes (a variant's `@shape` suffix; none means 1b):
+  1b   the bundled `llama32_1b` recipe (Llama-3.2-1B: 16 layers, hidden 2048, 32 heads, 8 query
+       groups, ffn 8192, vocab 128256, tied embeddings) at seq --seq (4096), micro batch
+       --micro-batch (2).
+  8b   the issue-7 "8B layer shape": the `llama3_8b` recipe with model.num_layers=8 (hidden 4096,
+       ffn 14336, 32 heads, 8 query groups, vocab 128256, untied) at seq 8192, micro batch 1,
+       context parallel 1.
+Both on one GPU (launch.nodes=1, gpus_per_node=1), global batch = micro batch x --gbs-multiple,
+mock data, no checkpoints, no eval.
+
+Timing. The transformers loop is timed per step (it reads its loss every step, which syncs the
+device). The runtime is timed from its own metrics.jsonl throughput lines: the recipe's
+logging.log_interval is kept (10 in `_base/pretrain`, what ships), and each line is the mean step
+time of one log window, measured with a device sync at the window's end. Windows (or steps) that
+end within the first --warmup steps are discarded; the table gives the mean of the rest. Keep
+--warmup a multiple of the log interval.
 
 Variants (each caught on failure; the error goes into the table and the rest still run):
   hf              transformers LlamaForCausalLM, attn_implementation="sdpa"; fp32 parameters
@@ -17,13 +30,16 @@ Variants (each caught on failure; the error goes into the table and the rest sti
                   params, fp32 master weights and Adam state in Megatron's distributed optimizer.
   fp8_tensorwise  as bf16 + precision.fp8="tensorwise" (TE Float8CurrentScaling, hybrid format).
   fp8_delayed     as bf16 + precision.fp8="delayed" (TE DelayedScaling, amax history 1024).
+  hf_bf16         reference: the transformers loop with pure bf16 params (no fp32 master).
   *_mbs4          the same at micro batch 4 / global batch 4 (an extra data point).
+  modifiers       `+name` after the variant, see MODIFIERS (recipe overrides, no patches).
 
 TFLOP/s per GPU = the compiler's plan["flops_per_step"] (Megatron-LM's formula) / step time, the
 same count for every variant, the transformers loop included. MFU is against the H100 SXM dense
 bf16 peak, 989 TFLOP/s (also for the fp8 rows). Peak memory is torch.cuda.max_memory_allocated()
-over the variant (stats reset before each one). The table is printed last; results.json and the
-per-variant metrics.jsonl go under --out (default $OUT when set).
+over the variant (stats reset before each one); "est. error" compares it with the compiler's
+plan.memory_gib["total"]. The table is printed last; results.json goes under --out (default $OUT
+when set), each runtime variant's metrics.jsonl under $TMPDIR/gpu_bench_runs/.
 """
 
 from __future__ import annotations
@@ -37,7 +53,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -65,78 +81,126 @@ def _import_recipec() -> None:
 
 # ---------------------------------------------------------------- configuration
 
-def split_variant(variant: str) -> tuple[str, bool, set[str]]:
-    """'bf16_mbs4+nonan+nooverlap' -> ('bf16', True, {'nonan', 'nooverlap'})."""
+class Variant(NamedTuple):
+    base: str  # hf, hf_bf16, bf16, fp8_tensorwise, fp8_delayed
+    mbs4: bool
+    shape: str  # a key of SHAPES
+    mods: frozenset[str]
+
+
+def split_variant(variant: str) -> Variant:
+    """'bf16_mbs4@8b+nonan' -> Variant('bf16', True, '8b', {'nonan'})."""
     head, *mods = variant.split("+")
     unknown = set(mods) - set(MODIFIERS)
     if unknown:
         raise ValueError(f"unknown modifier(s) {sorted(unknown)}; known: {sorted(MODIFIERS)}")
-    return head.removesuffix("_mbs4"), head.endswith("_mbs4"), set(mods)
+    head, _, shape = head.partition("@")
+    shape = shape or "1b"
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; known: {sorted(SHAPES)}")
+    return Variant(head.removesuffix("_mbs4"), head.endswith("_mbs4"), shape, frozenset(mods))
 
 
+# Every modifier is a recipe override now (runtime 1107e1a made the NaN check and the GC
+# configurable); the former bench patches +nofreeze and +nogc are gone: +gc0 is the old
+# automatic-GC behaviour, and the runtime's default (manual_gc_interval=100) is what +nogc measured.
 MODIFIERS = {
-    "nooverlap": "optimizer.overlap_grad_reduce=false, overlap_param_gather=false (recipe overrides)",
-    "nonan": "DDP check_for_nan_in_grad off (bench patch: 2 host syncs per grad bucket otherwise)",
-    "nofreeze": "runtime's gc.freeze() patched out (the runtime before this bench's fix)",
-    "nogc": "Python's cyclic GC disabled during the run (bench, diagnostic)",
-    "prof": "torch.profiler over steps 25-26 (timing of the row includes profiler overhead)",
+    "nonan": "train.check_for_nan_in_grad=false (DDP's per-bucket NaN check off)",
+    "gc0": "train.manual_gc_interval=0 (Python's automatic GC during the loop, no gc.freeze)",
+    "log1": "logging.log_interval=1 (a host sync and a throughput line every step)",
+    "nooverlap": ("optimizer.overlap_grad_reduce=false, overlap_param_gather=false (a no-op on one GPU "
+                  "since runtime 1107e1a: overlap is ignored at data-parallel size 1)"),
+    "prof": "torch.profiler over 2 steps near the end (timing of the row includes profiler overhead)",
+}
+
+# recipe, fixed overrides, seq and micro batch (None: from the command line)
+SHAPES: dict[str, dict[str, Any]] = {
+    "1b": {"recipe": "llama32_1b", "overrides": [], "seq": None, "mbs": None},
+    "8b": {"recipe": "llama3_8b", "overrides": ["model.num_layers=8"], "seq": 8192, "mbs": 1},
 }
 
 
-def overrides_for(args: argparse.Namespace, variant: str, out_dir: Path) -> list[str]:
-    base, mbs4, mods = split_variant(variant)
-    mbs = 4 if mbs4 else args.micro_batch
+def overrides_for(args: argparse.Namespace, variant: str) -> list[str]:
+    v = split_variant(variant)
+    shape = SHAPES[v.shape]
+    seq = shape["seq"] or args.seq
+    mbs = 4 if v.mbs4 else (shape["mbs"] or args.micro_batch)
     gbs = mbs * args.gbs_multiple
     ov = [
-        f"model.seq_length={args.seq}",
+        *shape["overrides"],
+        f"model.seq_length={seq}",
         f"train.micro_batch_size={mbs}",
         f"train.global_batch_size={gbs}",
         f"train.train_iters={args.steps}",
         "~train.eval_interval",
         "launch.nodes=1",
         "launch.gpus_per_node=1",
+        "parallel.tensor_model_parallel_size=1",
+        "parallel.pipeline_model_parallel_size=1",
+        "parallel.context_parallel_size=1",
         "data.kind=mock",
         "~checkpoint.save", "~checkpoint.save_interval", "~checkpoint.keep_last",
-        "logging.log_interval=1",
-        f'launch.output_dir="{Path(os.environ.get("TMPDIR", "/tmp")) / "gpu_bench_runs" / variant.replace("+", "-")}"',
+        f'launch.output_dir="{Path(os.environ.get("TMPDIR", "/tmp")) / "gpu_bench_runs" / safe_name(variant)}"',
     ]
-    if "nooverlap" in mods:
+    if args.log_interval:
+        ov.append(f"logging.log_interval={args.log_interval}")
+    if "log1" in v.mods:
+        ov.append("logging.log_interval=1")
+    if "nonan" in v.mods:
+        ov.append("train.check_for_nan_in_grad=false")
+    if "gc0" in v.mods:
+        ov.append("train.manual_gc_interval=0")
+    if "nooverlap" in v.mods:
         ov += ["optimizer.overlap_grad_reduce=false", "optimizer.overlap_param_gather=false"]
-    if "prof" in mods:
+    if "prof" in v.mods:
         ov += ["profiling.use_torch_profiler=true", f"profiling.profile_step_start={args.steps - 6}",
                f"profiling.profile_step_end={args.steps - 4}"]
-    if base == "fp8_tensorwise":
+    if v.base == "fp8_tensorwise":
         ov += ['precision.fp8="tensorwise"', 'precision.fp8_format="hybrid"']
-    elif base == "fp8_delayed":
+    elif v.base == "fp8_delayed":
         ov += ['precision.fp8="delayed"', 'precision.fp8_format="hybrid"']
     if args.smoke:  # tiny shape so the script itself can be checked on a CPU box
         ov += ["model.num_layers=2", "model.hidden_size=128", "model.ffn_hidden_size=256",
                "model.num_attention_heads=4", "model.num_query_groups=2", "model.kv_channels=32",
                "model.vocab_size=512", "launch.accelerator=\"cpu\""]
+        ov = [o for o in ov if not o.startswith("model.seq_length=")] + [f"model.seq_length={args.seq}"]
     return ov
 
 
-def compile_variant(args: argparse.Namespace, variant: str, out_dir: Path) -> tuple[Any, Path]:
+def safe_name(variant: str) -> str:
+    return variant.replace("+", "-").replace("@", "-")
+
+
+def compile_variant(args: argparse.Namespace, variant: str) -> tuple[Any, Path]:
     from recipec.compiler.api import build
 
-    compiled = build("llama32_1b", overrides_for(args, variant, out_dir))
-    build_dir = compiled.write(Path(os.environ.get("TMPDIR", "/tmp")) / "gpu_bench_build" / variant.replace("+", "-"))
+    compiled = build(SHAPES[split_variant(variant).shape]["recipe"], overrides_for(args, variant))
+    build_dir = compiled.write(Path(os.environ.get("TMPDIR", "/tmp")) / "gpu_bench_build" / safe_name(variant))
     return compiled, build_dir
 
 
 # ---------------------------------------------------------------- measurement helpers
 
-def summarize(step_times: list[float], warmup: int, flops: int, tokens: int) -> dict[str, Any]:
-    timed = step_times[warmup:]
+def summarize(step_times: list[float], warmup: int, flops: int, tokens: int,
+              window_steps: list[int] | None = None) -> dict[str, Any]:
+    """Mean step time over the steps after `warmup`. `step_times` are per step, or, with
+    `window_steps`, the mean step time of each log window of that many steps; then only the
+    windows that start after the warm-up count, and median/stdev are over window means."""
+    if window_steps is None:
+        window_steps = [1] * len(step_times)
+    ends = [sum(window_steps[: i + 1]) for i in range(len(window_steps))]
+    timed = [(t, n) for t, n, end in zip(step_times, window_steps, ends) if end - n >= warmup]
     if not timed:
-        raise RuntimeError(f"no timed steps: {len(step_times)} steps, warm-up {warmup}")
-    mean = sum(timed) / len(timed)
+        raise RuntimeError(f"no timed steps: {len(step_times)} windows, warm-up {warmup}")
+    n_steps = sum(n for _, n in timed)
+    mean = sum(t * n for t, n in timed) / n_steps
     tflops = flops / mean / 1e12
     return {
-        "steps_timed": len(timed),
+        "steps_timed": n_steps,
+        "timing_unit": "step" if all(n == 1 for _, n in timed) else f"window of {timed[0][1]} steps",
         "step_time_s": mean,
-        "step_time_median_s": statistics.median(timed),
-        "step_time_stdev_s": statistics.pstdev(timed),
+        "step_time_median_s": statistics.median(t for t, _ in timed),
+        "step_time_stdev_s": statistics.pstdev(t for t, _ in timed),
         "tokens_per_s": tokens / mean,
         "tflops_per_gpu": tflops,
         "mfu": tflops / H100_BF16_DENSE_TFLOPS,
@@ -222,9 +286,10 @@ def run_hf(args: argparse.Namespace, compiled: Any, pure_bf16: bool = False) -> 
     c, plan = compiled.config, compiled.plan
     m = c.model
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rope_scaling = {"rope_type": "llama3", "factor": m.rope_scaling_factor, "low_freq_factor": 1.0,
-                    "high_freq_factor": 4.0,
-                    "original_max_position_embeddings": m.rope_original_max_position_embeddings}
+    rope_scaling = ({"rope_type": "llama3", "factor": m.rope_scaling_factor, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": m.rope_original_max_position_embeddings}
+                    if m.rope_scaling else None)
     cfg = LlamaConfig(
         vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
         num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
@@ -296,46 +361,28 @@ def run_runtime(args: argparse.Namespace, variant: str, compiled: Any, build_dir
     )
 
     backend = TE_LABEL if _have_transformer_engine() else LOCAL_LABEL
-    _, _, mods = split_variant(variant)
-    from recipec.runtime import model as rmodel
-
-    orig_wrap, orig_gc = rmodel.wrap_ddp, train.gc
-    if "nonan" in mods:
-        def wrap_ddp_nonan(*a: Any, **k: Any) -> Any:
-            chunks = orig_wrap(*a, **k)
-            for chunk in chunks:  # the buffers read this same config object at every bucket
-                chunk.ddp_config.check_for_nan_in_grad = False
-            return chunks
-        rmodel.wrap_ddp = wrap_ddp_nonan
-    if "nofreeze" in mods and hasattr(train, "gc"):
-        import types
-
-        train.gc = types.SimpleNamespace(collect=gc.collect, freeze=lambda: None, unfreeze=lambda: None)
-    if "nogc" in mods:
-        gc.disable()
-    try:
-        rc = train.run(artifact)
-    finally:
-        rmodel.wrap_ddp, train.gc = orig_wrap, orig_gc
-        gc.enable()
+    mods = split_variant(variant).mods
+    rc = train.run(artifact)
     if rc != 0:
         raise RuntimeError(f"train.run returned {rc}")
     peak = peak_gib()
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     windows = [r for r in rows if "window_steps" in r]
     steps = [r for r in rows if "loss" in r]
-    if any(r["window_steps"] != 1 for r in windows):
-        raise RuntimeError("expected logging.log_interval=1 (one throughput line per step)")
     times = [r["step_time_s"] for r in windows]
+    sizes = [r["window_steps"] for r in windows]
     plan = compiled.plan
-    res = summarize(times, args.warmup, plan.flops_per_step, plan.tokens_per_step)
+    res = summarize(times, args.warmup, plan.flops_per_step, plan.tokens_per_step, window_steps=sizes)
     if "prof" in mods:
         res["profile"] = profile_summary(out_dir / "profile", Path(args.out), variant)
     res.update(peak_mem_gib=peak, est_mem_gib=plan.memory_gib["total"], est_mem=dict(plan.memory_gib),
                meter_mem_gib=windows[-1].get("mem_gib"), params=plan.params_total,
                loss_first=steps[0]["loss"], loss_last=steps[-1]["loss"],
-               skipped=sum(1 for r in steps if r.get("grad_norm") is None), step_times=times,
-               layer_spec=backend, meter_tflops=statistics.mean(r["tflops_per_gpu"] for r in windows[args.warmup:]))
+               skipped=sum(1 for r in steps if r.get("grad_norm") is None), step_times=times, window_steps=sizes,
+               log_interval=artifact.config.logging.log_interval,
+               manual_gc_interval=artifact.config.train.manual_gc_interval,
+               check_for_nan_in_grad=artifact.config.train.check_for_nan_in_grad,
+               layer_spec=backend, mem_err=(peak - plan.memory_gib["total"]) / plan.memory_gib["total"])
     return res
 
 
@@ -349,7 +396,7 @@ def profile_summary(trace_dir: Path, out_root: Path, variant: str) -> dict[str, 
     if not traces:
         return {"error": f"no trace under {trace_dir}"}
     data = json.loads(traces[-1].read_text())
-    with gzip.open(out_root / f"trace_{variant.replace('+', '-')}.json.gz", "wt") as f:
+    with gzip.open(out_root / f"trace_{safe_name(variant)}.json.gz", "wt") as f:
         json.dump(data, f)
     events = [e for e in data.get("traceEvents", []) if e.get("ph") == "X"]
     kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
@@ -445,52 +492,140 @@ LABELS = {
 
 
 def label(variant: str, r: dict[str, Any]) -> str:
-    base, mbs4, mods = split_variant(variant)
+    v = split_variant(variant)
     spec = {"transformer_engine": "TE spec", None: "TE spec"}.get(r.get("layer_spec"), r.get("layer_spec"))
-    return (LABELS.get(base, base).format(spec=spec) + (" [mbs 4]" if mbs4 else "")
-            + "".join(f" +{m}" for m in sorted(mods)))
+    return (LABELS.get(v.base, v.base).format(spec=spec) + (" [mbs 4]" if v.mbs4 else "")
+            + "".join(f" +{m}" for m in sorted(v.mods)))
+
+
+def reference_of(variant: str, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The plain transformers loop (fp32 master) at the same shape and micro batch."""
+    v = split_variant(variant)
+    for name, r in results.items():
+        w = split_variant(name)
+        if w.base == "hf" and w.mbs4 == v.mbs4 and w.shape == v.shape and not w.mods:
+            return r
+    return {}
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
     lines = [
-        ("| variant | mbs x seq | step time (ms) | median (ms) | tokens/s | TFLOP/s/GPU | MFU (989) | vs transformers "
-        "| peak mem (GiB) | est. mem (GiB) | loss first→last |"),
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        ("| variant | shape | mbs x seq | step time (ms) | median (ms) | tokens/s | TFLOP/s/GPU | MFU (989) "
+         "| vs transformers | peak mem (GiB) | est. mem (GiB) | est. error | loss first→last |"),
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for variant, r in results.items():
-        ref_name = "hf_mbs4" if split_variant(variant)[1] else "hf"
-        ref = results.get(ref_name, {})
+        ref = reference_of(variant, results)
         shape = r.get("shape", "")
+        name = split_variant(variant).shape
         if "error" in r:
-            lines.append(f"| {label(variant, r)} | {shape} | failed: {r['error']} | | | | | | | | |")
+            lines.append(f"| {label(variant, r)} | {name} | {shape} | failed: {r['error']} | | | | | | | | | |")
             continue
         ratio = (f"{r['tflops_per_gpu'] / ref['tflops_per_gpu']:.2f}x"
-                 if ref.get("tflops_per_gpu") else "n/a")
+                 if ref.get("tflops_per_gpu") and ref is not r else ("1.00x" if ref is r else "n/a"))
         est = f"{r['est_mem_gib']:.1f}" if r.get("est_mem_gib") is not None else "—"
+        err = f"{r['mem_err'] * 100:+.1f}%" if r.get("mem_err") is not None else "—"
         lines.append(
-            f"| {label(variant, r)} | {shape} | {r['step_time_s'] * 1e3:.1f} | {r['step_time_median_s'] * 1e3:.1f} | "
-            f"{r['tokens_per_s']:,.0f} | "
-            f"{r['tflops_per_gpu']:.1f} | {r['mfu'] * 100:.1f}% | {ratio} | {r['peak_mem_gib']:.1f} | {est} | "
+            f"| {label(variant, r)} | {name} | {shape} | {r['step_time_s'] * 1e3:.1f} | "
+            f"{r['step_time_median_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | "
+            f"{r['tflops_per_gpu']:.1f} | {r['mfu'] * 100:.1f}% | {ratio} | {r['peak_mem_gib']:.1f} | {est} | {err} | "
             f"{r['loss_first']:.3f}→{r['loss_last']:.3f} |")
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- main
 
+def run_one(args: argparse.Namespace, variant: str, port: int) -> dict[str, Any]:
+    """One variant in this process; failures come back as {"error": ...}."""
+    print(f"\n=== variant {variant} ===", flush=True)
+    _cleanup()
+    saved_env = dict(os.environ)
+    t0 = time.perf_counter()
+    try:
+        compiled, build_dir = compile_variant(args, variant)
+        shape = f"{compiled.config.train.micro_batch_size} x {compiled.config.model.seq_length}"
+        base = split_variant(variant).base
+        if base in ("hf", "hf_bf16"):
+            res = run_hf(args, compiled, pure_bf16=base == "hf_bf16")
+        else:
+            res = run_runtime(args, variant, compiled, build_dir, port)
+        res["shape"] = shape
+        res["gbs"] = compiled.config.train.global_batch_size
+        res["flops_per_step"] = compiled.plan.flops_per_step
+        res["overrides"] = overrides_for(args, variant)
+    except Exception as exc:  # noqa: BLE001 - a failed variant must not stop the others
+        tb = traceback.format_exc()
+        print(tb, flush=True)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        res = {"error": f"{type(exc).__name__}: {first}"[:300].replace("|", "/"), "traceback": tb}
+        del exc
+        _teardown_dist()
+    os.environ.clear()
+    os.environ.update(saved_env)
+    res["wall_s"] = time.perf_counter() - t0
+    gc.collect()
+    _leak_report()
+    if "error" not in res:
+        print(f"--- {variant}: {res['step_time_s'] * 1e3:.1f} ms/step, {res['tflops_per_gpu']:.1f} TFLOP/s, "
+              f"peak {res['peak_mem_gib']:.1f} GiB ({res['wall_s']:.0f} s)", flush=True)
+    _cleanup()
+    return res
+
+
+def run_child(args: argparse.Namespace, argv: list[str], variant: str, start: float) -> tuple[dict[str, Any], dict]:
+    """One variant in a fresh Python process (no memory or state left over from the last one)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="gpu_bench_child_") as tmp:
+        child_json = Path(tmp) / "child.json"
+        drop = {"--variants", "--deadline-s", "--child-json"}
+        rest, skip = [], False
+        for a in argv:
+            if skip:
+                skip = False
+                continue
+            if a.split("=")[0] in drop:
+                skip = "=" not in a
+                continue
+            if a == "--isolate":
+                continue
+            rest.append(a)
+        cmd = [sys.executable, str(Path(__file__).resolve()), *rest, "--variants", variant,
+               "--child-json", str(child_json)]
+        # A hung child must not take the whole call with it: at most until deadline + grace.
+        limit = max(60.0, args.deadline_s + args.grace_s - (time.perf_counter() - start)) if args.deadline_s else None
+        try:
+            subprocess.run(cmd, check=False, timeout=limit)
+        except subprocess.TimeoutExpired:
+            return {"error": f"child process killed after {limit:.0f} s"}, {}
+        try:
+            data = json.loads(child_json.read_text())
+            return data["results"][variant], data["env"]
+        except Exception as exc:  # noqa: BLE001
+            return {"error": f"child process gave no result ({type(exc).__name__})"}, {}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", default="hf,bf16,fp8_tensorwise,fp8_delayed")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=10, help="steps discarded from timing")
-    p.add_argument("--seq", type=int, default=4096)
-    p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--variants", default="hf,bf16,bf16+nonan,fp8_tensorwise,fp8_tensorwise+nonan")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=10, help="steps discarded from timing (a multiple of the log interval)")
+    p.add_argument("--seq", type=int, default=4096, help="sequence length of the 1b shape")
+    p.add_argument("--micro-batch", type=int, default=2, help="micro batch of the 1b shape")
     p.add_argument("--gbs-multiple", type=int, default=1, help="global batch = micro batch x this")
+    p.add_argument("--log-interval", type=int, default=0,
+                   help="logging.log_interval for the runtime (0: the recipe's own, 10 as shipped)")
     p.add_argument("--out", default=os.environ.get("OUT") or "runs/gpu_bench")
     p.add_argument("--deadline-s", type=float, default=0.0,
                    help="skip variants not started within this many seconds (0: no limit)")
+    p.add_argument("--grace-s", type=float, default=90.0,
+                   help="with --isolate and --deadline-s: a child still running at deadline + this is killed")
     p.add_argument("--smoke", action="store_true", help="tiny model, for checking the script on CPU")
     p.add_argument("--isolate", action="store_true",
-                   help="run each variant in its own child process (fallback if in-process runs leak memory)")
+                   help="run each variant in its own child process (no state or leaked memory carried over)")
+    p.add_argument("--child-json", help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     if args.smoke:
         args.seq = 64
@@ -502,70 +637,37 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     out_dir = Path(args.out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    info = versions()
-    print("bench environment:", json.dumps(info), flush=True)
+    # With --isolate the parent stays off the GPU (no CUDA context): the children report versions.
+    info = {} if args.isolate else versions()
+    if info:
+        print("bench environment:", json.dumps(info), flush=True)
 
     results: dict[str, dict[str, Any]] = {}
     port = 29600 + os.getpid() % 1000
     for i, variant in enumerate(v.strip() for v in args.variants.split(",") if v.strip()):
+        split_variant(variant)  # an unknown variant or modifier fails here, before any GPU time
         if args.deadline_s and time.perf_counter() - start > args.deadline_s:
             results[variant] = {"error": "skipped (bench deadline reached)"}
             continue
         if args.isolate:
-            import subprocess
-
-            cmd = [sys.executable, __file__, "--variants", variant, "--out", str(out_dir), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--seq", str(args.seq), "--micro-batch", str(args.micro_batch),
-                   "--gbs-multiple", str(args.gbs_multiple)] + (["--smoke"] if args.smoke else [])
-            subprocess.run(cmd, check=False)
-            try:
-                results[variant] = json.loads((out_dir / "results.json").read_text())["results"][variant]
-            except Exception as exc:  # noqa: BLE001
-                results[variant] = {"error": f"child process gave no result ({type(exc).__name__})"}
+            results[variant], env = run_child(args, argv, variant, start)
+            info = info or env
+        else:
+            results[variant] = run_one(args, variant, port + i)
+        if args.child_json:
+            Path(args.child_json).write_text(json.dumps({"env": info, "results": results}, default=str))
+        else:
             (out_dir / "results.json").write_text(json.dumps({"env": info, "args": vars(args), "results": results},
                                                              indent=1, default=str))
-            continue
-        print(f"\n=== variant {variant} ===", flush=True)
-        _cleanup()
-        saved_env = dict(os.environ)
-        t0 = time.perf_counter()
-        try:
-            compiled, build_dir = compile_variant(args, variant, out_dir)
-            shape = f"{compiled.config.train.micro_batch_size} x {compiled.config.model.seq_length}"
-            base = split_variant(variant)[0]
-            if base in ("hf", "hf_bf16"):
-                res = run_hf(args, compiled, pure_bf16=base == "hf_bf16")
-            else:
-                res = run_runtime(args, variant, compiled, build_dir, port + i)
-            res["shape"] = shape
-            res["gbs"] = compiled.config.train.global_batch_size
-            res["flops_per_step"] = compiled.plan.flops_per_step
-        except Exception as exc:  # noqa: BLE001 - a failed variant must not stop the others
-            tb = traceback.format_exc()
-            print(tb, flush=True)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            res = {"error": f"{type(exc).__name__}: {first}"[:300].replace("|", "/"), "traceback": tb}
-            del exc
-            _teardown_dist()
-        os.environ.clear()
-        os.environ.update(saved_env)
-        res["wall_s"] = time.perf_counter() - t0
-        gc.collect()
-        _leak_report()
-        results[variant] = res
-        if "error" not in res:
-            print(f"--- {variant}: {res['step_time_s'] * 1e3:.1f} ms/step, {res['tflops_per_gpu']:.1f} TFLOP/s, "
-                  f"peak {res['peak_mem_gib']:.1f} GiB ({res['wall_s']:.0f} s)", flush=True)
-        (out_dir / "results.json").write_text(json.dumps({"env": info, "args": vars(args), "results": results},
-                                                         indent=1, default=str))
-        _cleanup()
+    if args.child_json:
+        return 0
 
     print("\nbench environment:", json.dumps(info))
     print(f"TFLOP/s: Megatron-LM formula from the compiled plan (flops_per_step), the same for every row; "
           f"MFU against the H100 dense bf16 peak {H100_BF16_DENSE_TFLOPS:.0f} TFLOP/s (fp8 rows too); "
-          f"mean over steps {args.warmup + 1}..{args.steps} (first {args.warmup} discarded); "
-          f"total {time.perf_counter() - start:.0f} s\n")
-    used = {m for v in results for m in split_variant(v)[2]}
+          f"mean over steps {args.warmup + 1}..{args.steps} (first {args.warmup} discarded; runtime rows "
+          f"from log windows); est. error = (peak - est.) / est.; total {time.perf_counter() - start:.0f} s\n")
+    used = {m for v in results for m in split_variant(v).mods}
     for m in sorted(used):
         print(f"+{m}: {MODIFIERS[m]}")
     print(table(results), flush=True)
