@@ -8,18 +8,20 @@ dist checkpoints. SIGTERM/SIGUSR1 finish the current step, save, and exit 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
+import math
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-
 from recipec.compiler.errors import RecipeError
 from recipec.compiler.schema import RecipeConfig
 
@@ -122,6 +124,27 @@ def _forward_step(data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
         return loss, {"lm loss": loss.detach().clone()}
 
     return output, loss_func
+
+
+class DivergedError(RuntimeError):
+    """Training produced non-finite gradients; nothing more is saved."""
+
+
+@contextlib.contextmanager
+def _manual_gc(interval: int) -> Iterator[None]:
+    """Python's GC off inside the loop (collected every `interval` steps by the loop), restored
+    however the loop ends; start-up objects are frozen so collections stay short."""
+    if not interval:
+        yield
+        return
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.unfreeze()
 
 
 def _local_loss(outputs: list[dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
@@ -257,56 +280,53 @@ def run(artifact: Artifact) -> int:
     # GC's generations, else each full collection walks them all (Llama-3.2-1B on one H100:
     # 208 -> 198 ms/step, bench/RESULTS.md). Unfrozen below, for callers that run() in-process.
     gc_interval = c.train.manual_gc_interval
-    if gc_interval:
-        gc.collect()
-        gc.freeze()  # objects from start-up are never scanned again
-        gc.disable()
-    pending: list[tuple[int, torch.Tensor, float, float | None, bool]] = []
-    stopping = False
-    while step < c.train.train_iters and not stopping:
-        profiler.before_step(step)
-        for chunk in ddp_chunks:
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad()
-        batches = step_microbatches(train_data, step, c, device)
-        data = [iter(batches) for _ in ddp_chunks] if len(ddp_chunks) > 1 else iter(batches)
-        outputs = forward_backward(data_iterator=data, forward_only=False, **common)
-        ok, grad_norm, _ = optimizer.step()
-        scheduler.step(increment=1)
-        step += 1
-        norm = float(grad_norm) if grad_norm is not None else None
-        pending.append((step, _local_loss(outputs, device), optimizer.param_groups[0]["lr"], norm, ok))
-        profiler.after_step(step)
-        if gc_interval and step % gc_interval == 0:
-            gc.collect()
-        due_save = bool(ck.save_interval and step % ck.save_interval == 0)
-        due_eval = bool(c.train.eval_interval and step % c.train.eval_interval == 0)
-        last = step == c.train.train_iters
-        if not (step % c.logging.log_interval == 0 or last or due_save or due_eval):
-            continue
-        # Losses reach the host here, once per log interval, together with the stop decision.
-        received = 1.0 if (c.train.exit_signal_handler and stop.received) else 0.0
-        losses, stopping = _flush(pending, received, device)
-        for (s, _, lr, n, good), loss in zip(pending, losses):
-            meter.record(s, loss, lr, n, skipped=not good)
-        _, _, lr, norm, _ = pending[-1]
-        pending.clear()
-        if step % c.logging.log_interval == 0 or last:
-            meter.report(step, c.train.train_iters, losses[-1], lr, norm)
-        if due_eval:
-            _evaluate(c, ddp_chunks, valid_data, step, device, common, forward_backward)
-        if ck.save and (due_save or stopping or last) and step != last_saved:
-            path = ckpt.save(Path(ck.save), step, ddp_chunks, optimizer, scheduler, artifact.fingerprint, ck.keep_last,
-                             ck.optimizer_sharding)
-            last_saved = step
-            if rank0:
-                log.info(f"saved checkpoint {path}")
-        if stopping and rank0:
-            log.info(f"stopping at step {step} on signal {stop.received or 'from another rank'}; "
-                     f"{'checkpoint saved' if ck.save else 'no checkpoint.save configured'}")
-    if gc_interval:
-        gc.enable()
-        gc.unfreeze()
+    with _manual_gc(gc_interval):
+        pending: list[tuple[int, torch.Tensor, float, float | None, bool]] = []
+        stopping = False
+        while step < c.train.train_iters and not stopping:
+            profiler.before_step(step)
+            for chunk in ddp_chunks:
+                chunk.zero_grad_buffer()
+            optimizer.zero_grad()
+            batches = step_microbatches(train_data, step, c, device)
+            data = [iter(batches) for _ in ddp_chunks] if len(ddp_chunks) > 1 else iter(batches)
+            outputs = forward_backward(data_iterator=data, forward_only=False, **common)
+            ok, grad_norm, _ = optimizer.step()
+            scheduler.step(increment=1)
+            step += 1
+            norm = float(grad_norm) if grad_norm is not None else None
+            if norm is not None and not math.isfinite(norm):  # the global norm: every rank stops here
+                raise DivergedError(f"gradient norm is {norm} at step {step}; stopping without saving, so the "
+                                    f"last checkpoint ({last_saved or 'none'}) stays the last good one")
+            pending.append((step, _local_loss(outputs, device), optimizer.param_groups[0]["lr"], norm, ok))
+            profiler.after_step(step)
+            if gc_interval and step % gc_interval == 0:
+                gc.collect()
+            due_save = bool(ck.save_interval and step % ck.save_interval == 0)
+            due_eval = bool(c.train.eval_interval and step % c.train.eval_interval == 0)
+            last = step == c.train.train_iters
+            if not (step % c.logging.log_interval == 0 or last or due_save or due_eval):
+                continue
+            # Losses reach the host here, once per log interval, together with the stop decision.
+            received = 1.0 if (c.train.exit_signal_handler and stop.received) else 0.0
+            losses, stopping = _flush(pending, received, device)
+            for (s, _, lr, n, good), loss in zip(pending, losses):
+                meter.record(s, loss, lr, n, skipped=not good)
+            _, _, lr, norm, _ = pending[-1]
+            pending.clear()
+            if step % c.logging.log_interval == 0 or last:
+                meter.report(step, c.train.train_iters, losses[-1], lr, norm)
+            if due_eval:
+                _evaluate(c, ddp_chunks, valid_data, step, device, common, forward_backward)
+            if ck.save and (due_save or stopping or last) and step != last_saved:
+                path = ckpt.save(Path(ck.save), step, ddp_chunks, optimizer, scheduler, artifact.fingerprint, ck.keep_last,
+                                 ck.optimizer_sharding)
+                last_saved = step
+                if rank0:
+                    log.info(f"saved checkpoint {path}")
+            if stopping and rank0:
+                log.info(f"stopping at step {step} on signal {stop.received or 'from another rank'}; "
+                         f"{'checkpoint saved' if ck.save else 'no checkpoint.save configured'}")
     meter.close()
     profiler.close()
     dist.barrier()
@@ -353,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as exc:
         print(f"recipec: error: {exc}", file=sys.stderr)
         return 2
+    except DivergedError as exc:
+        print(f"recipec: error: training diverged: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

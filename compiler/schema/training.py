@@ -23,7 +23,8 @@ class TrainConfig:
         100, "Run Python's garbage collector only every N steps (0: automatic GC, which stalls steps).", min=0
     )
     check_for_nan_in_grad: bool = option(
-        True, "DDP checks every gradient reduction for NaN/Inf and stops the run (costs a sync per step)."
+        False, "DDP also checks every gradient bucket for NaN/Inf (device syncs: ~10 ms/step at 1B on an "
+        "H100); the runtime always stops, without saving, on a non-finite gradient norm."
     )
 
 

@@ -306,3 +306,15 @@ def test_lora_checkpoint_saved_under_tp2_resumes_under_tp1(root: Path, lora_base
     output = run.run()
     assert "resumed from" in output and "at step 5" in output and "started from the weights" not in output
     assert_close(run.losses(), lora_ref[0].losses(), range(6, 11), "LoRA TP=2 checkpoint continued under TP=1")
+
+
+def test_divergence_stops_without_overwriting_the_last_good_checkpoint(root: Path) -> None:
+    run = Run(root, "diverged", 1, "train.train_iters=10", "optimizer.lr=1e30", "optimizer.min_lr=0",
+              "scheduler.lr_warmup_fraction=0", "checkpoint.save_interval=1")
+    proc = subprocess.run(run.command(), env=run.env(), capture_output=True, text=True, timeout=300, cwd=run.dir)
+    assert proc.returncode != 0
+    assert "training diverged: gradient norm is nan" in proc.stdout + proc.stderr
+    saved = run.latest()
+    assert saved is not None and saved < 10
+    assert all(json.loads((p / "recipec_manifest.json").read_text())["step"] <= saved
+               for p in run.ckpt.glob("iter_*"))
