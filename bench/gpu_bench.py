@@ -101,7 +101,7 @@ def split_variant(variant: str) -> Variant:
     return Variant(head.removesuffix("_mbs4"), head.endswith("_mbs4"), shape, frozenset(mods))
 
 
-# Every modifier is a recipe override now (runtime 1107e1a made the NaN check and the GC
+# Every modifier but +nofuse is a recipe override (runtime 1107e1a made the NaN check and the GC
 # configurable); the former bench patches +nofreeze and +nogc are gone: +gc0 is the old
 # automatic-GC behaviour, and the runtime's default (manual_gc_interval=100) is what +nogc measured.
 MODIFIERS = {
@@ -111,6 +111,9 @@ MODIFIERS = {
     "nooverlap": ("optimizer.overlap_grad_reduce=false, overlap_param_gather=false (a no-op on one GPU "
                   "since runtime 1107e1a: overlap is ignored at data-parallel size 1)"),
     "prof": "torch.profiler over 2 steps near the end (timing of the row includes profiler overhead)",
+    "nofuse": ("runtime.model.TE_WGRAD_FUSION = False: TE linears without fused wgrad accumulation (the "
+               "runtime's behaviour before it set fuse_wgrad_accumulation on them; the one bench-side switch, "
+               "no recipe key)"),
 }
 
 # recipe, fixed overrides, seq and micro batch (None: from the command line)
@@ -354,6 +357,7 @@ def run_runtime(args: argparse.Namespace, variant: str, compiled: Any, build_dir
     metrics = out_dir / "metrics.jsonl"
     if metrics.exists():
         metrics.unlink()
+    from recipec.runtime import model as runtime_model
     from recipec.runtime.layer_spec import (
         LOCAL_LABEL,
         TE_LABEL,
@@ -362,7 +366,12 @@ def run_runtime(args: argparse.Namespace, variant: str, compiled: Any, build_dir
 
     backend = TE_LABEL if _have_transformer_engine() else LOCAL_LABEL
     mods = split_variant(variant).mods
-    rc = train.run(artifact)
+    fusion = runtime_model.TE_WGRAD_FUSION
+    runtime_model.TE_WGRAD_FUSION = "nofuse" not in mods
+    try:
+        rc = train.run(artifact)
+    finally:
+        runtime_model.TE_WGRAD_FUSION = fusion
     if rc != 0:
         raise RuntimeError(f"train.run returned {rc}")
     peak = peak_gib()
@@ -382,7 +391,8 @@ def run_runtime(args: argparse.Namespace, variant: str, compiled: Any, build_dir
                log_interval=artifact.config.logging.log_interval,
                manual_gc_interval=artifact.config.train.manual_gc_interval,
                check_for_nan_in_grad=artifact.config.train.check_for_nan_in_grad,
-               layer_spec=backend, mem_err=(peak - plan.memory_gib["total"]) / plan.memory_gib["total"])
+               layer_spec=backend, te_wgrad_fusion="nofuse" not in mods,
+               losses=[[r["step"], r["loss"]] for r in steps], mem_err=(peak - plan.memory_gib["total"]) / plan.memory_gib["total"])
     return res
 
 
@@ -533,6 +543,27 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def loss_check(results: dict[str, dict[str, Any]]) -> str:
+    """Each +nofuse row against its fused twin (same variant without +nofuse): the per-step losses
+    (fused wgrad accumulation changes only the backward's rounding, so step 1 must match exactly)."""
+    lines = []
+    for variant, r in results.items():
+        v = split_variant(variant)
+        if "nofuse" not in v.mods or "losses" not in r:
+            continue
+        twin = variant.replace("+nofuse", "")
+        f = results.get(twin, {})
+        if "losses" not in f:
+            continue
+        a, b = dict(map(tuple, f["losses"])), dict(map(tuple, r["losses"]))
+        common = sorted(set(a) & set(b))
+        diffs = [abs(a[s] - b[s]) for s in common]
+        lines.append(f"loss check {twin} (fused) vs {variant}: step 1 {a.get(1)!r} vs {b.get(1)!r}; "
+                     f"max |diff| over {len(common)} steps {max(diffs) if diffs else float('nan'):.4g}; "
+                     "steps " + ", ".join(f"{s}: {a[s]:.4f}/{b[s]:.4f}" for s in common if s in (1, 2, 3, 5, 10, 20, 30, 40)))
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- main
 
 def run_one(args: argparse.Namespace, variant: str, port: int) -> dict[str, Any]:
@@ -671,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     for m in sorted(used):
         print(f"+{m}: {MODIFIERS[m]}")
     print(table(results), flush=True)
+    print(loss_check(results), flush=True)
     return 0 if all("error" not in r for r in results.values()) else 1
 
 

@@ -50,6 +50,39 @@ def _have_apex_wgrad_fusion() -> bool:
     return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
 
 
+# Fused weight-gradient accumulation on the Transformer Engine linears when apex is absent (see
+# _fuse_te_wgrad). A module-level switch, not a recipe key: the GPU bench turns it off for an A/B.
+TE_WGRAD_FUSION = True
+
+
+def _fuse_te_wgrad(chunks: list[GPTModel]) -> int:
+    """Let TE's linears accumulate their weight gradients straight into Megatron's main_grad.
+
+    Without apex, gradient_accumulation_fusion stays off in the TransformerConfig, because the
+    output layer (a plain tensor_parallel.ColumnParallelLinear) raises in __init__ when it is on
+    and fused_weight_gradient_mlp_cuda is missing. TE's own GEMMs need no apex for it, so the flag
+    is set on the TE modules alone, before DDP wraps them. Checked in TE 2.20 and megatron-core
+    0.19: te.pytorch.Linear and LayerNormLinear store the constructor argument as the attribute
+    fuse_wgrad_accumulation and read it in every forward (it is passed into the autograd function
+    there); in backward they fetch weight.main_grad (set by Megatron-Core DDP's grad buffer),
+    accumulate the wgrad GEMM into it, set weight.grad_added_to_main_grad = True and return a
+    dummy grad, which DDP's backward hook then skips (it adds param.grad to main_grad only while
+    grad_added_to_main_grad is False, and zero_grad_buffer resets the flag every step): the same
+    contract as Megatron's own gradient_accumulation_fusion=True path. Frozen weights (LoRA bases)
+    are left alone by TE (it checks weight.requires_grad). Returns how many modules were switched.
+    """
+    import transformer_engine.pytorch as te
+
+    kinds = (te.Linear, te.LayerNormLinear)
+    n = 0
+    for chunk in chunks:
+        for module in chunk.modules():
+            if isinstance(module, kinds) and not module.fuse_wgrad_accumulation:
+                module.fuse_wgrad_accumulation = True
+                n += 1
+    return n
+
+
 def layout_sizes(p: ParallelConfig) -> dict[str, int | None]:
     """The parallel sizes, under the names Megatron-Core's TransformerConfig and
     initialize_model_parallel share (the schema uses the same names on purpose)."""
@@ -89,8 +122,9 @@ def transformer_config(c: RecipeConfig, *, on_gpu: bool, te: bool) -> Transforme
         recompute_num_layers=m.recompute_num_layers if m.recompute_granularity == "full" else None,
         # Fused kernels that exist only on GPUs (apex/TE/triton) are off on CPU.
         use_cpu_initialization=not on_gpu,
-        # TE linears fuse wgrad accumulation themselves, but the output layer is a plain
-        # ColumnParallelLinear, which needs apex's fused_weight_gradient_mlp_cuda (raises without).
+        # The output layer is a plain ColumnParallelLinear, which needs apex's
+        # fused_weight_gradient_mlp_cuda for this (raises in __init__ without); without apex the
+        # TE linears get fused wgrad accumulation afterwards (build_model_chunks, _fuse_te_wgrad).
         gradient_accumulation_fusion=on_gpu and te and _have_apex_wgrad_fusion(),
         masked_softmax_fusion=on_gpu,
         bias_activation_fusion=on_gpu and m.gated_linear_unit and m.activation == "silu" and te,
@@ -163,6 +197,13 @@ def build_model_chunks(c: RecipeConfig, padded_vocab: int, *, on_gpu: bool) -> t
         if on_gpu:
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
+    if on_gpu and backend == "transformer_engine" and not config.gradient_accumulation_fusion:
+        if TE_WGRAD_FUSION:
+            n = _fuse_te_wgrad(chunks)
+            log.info(f"fused wgrad accumulation on {n} Transformer Engine linear modules (no apex: "
+                     "the output layer accumulates unfused)")
+        else:
+            log.info("fused wgrad accumulation off (runtime.model.TE_WGRAD_FUSION = False)")
     return chunks, backend
 
 
