@@ -21,23 +21,6 @@ from hfutil import ARCHS  # noqa: E402
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def mcore_tp1():
-    """A single-rank gloo group with TP=PP=1 model-parallel state for the whole module."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state, tensor_parallel
-
-    from recipec.runtime.hf.convert import ensure_distributed
-
-    created = ensure_distributed()
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel()
-    tensor_parallel.model_parallel_cuda_manual_seed(1)
-    yield
-    parallel_state.destroy_model_parallel()
-    if created:
-        dist.destroy_process_group()
-
 
 def _tensors(directory: Path) -> dict[str, "torch.Tensor"]:
     from safetensors.torch import load_file

@@ -15,21 +15,6 @@ from recipec.compiler import build
 RANK, ALPHA = 4, 8.0
 
 
-@pytest.fixture(scope="module")
-def mcore_tp1():
-    import torch.distributed as dist
-    from megatron.core import parallel_state, tensor_parallel
-    from recipec.runtime.hf.convert import ensure_distributed
-
-    created = ensure_distributed()
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel()
-    tensor_parallel.model_parallel_cuda_manual_seed(1)
-    yield
-    parallel_state.destroy_model_parallel()
-    if created:
-        dist.destroy_process_group()
-
 
 def _model(mcore_tp1):
     from recipec.runtime.init import keyed_init
