@@ -16,12 +16,18 @@ from typing import Any
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
-
+from megatron.core.datasets.blended_megatron_dataset_builder import (
+    BlendedMegatronDatasetBuilder,
+)
+from megatron.core.datasets.gpt_dataset import (
+    GPTDataset,
+    GPTDatasetConfig,
+    MockGPTDataset,
+)
+from recipec.compiler.errors import Problem, RecipeError
 from recipec.compiler.schema import RecipeConfig
 
-from .corpus import pack
+from .corpus import BUILTIN, pack
 
 Batch = dict[str, torch.Tensor]
 
@@ -35,8 +41,11 @@ def build_datasets(c: RecipeConfig, tokenizer: Any, cache_dir: Path) -> tuple[An
         return _sft_datasets(c, tokenizer, cache_dir, sizes)
     prefixes: list[str] | None = None
     if d.kind == "text":
+        _require([p for p in d.paths if p != BUILTIN and not Path(p).is_file()], "text file")
         prefixes = [pack(p, tokenizer, cache_dir) for p in d.paths]
     elif d.kind == "indexed":
+        _require([p for p in d.paths if not (Path(f"{p}.bin").is_file() and Path(f"{p}.idx").is_file())],
+                 "indexed dataset (PREFIX.bin + PREFIX.idx)")
         prefixes = list(d.paths)
     config = GPTDatasetConfig(
         random_seed=t.seed,
@@ -66,6 +75,13 @@ def _sft_datasets(c: RecipeConfig, tokenizer: Any, cache_dir: Path, sizes: list[
                            "examples) but train.eval_interval is set; give the valid share more weight, or "
                            "unset train.eval_interval (~train.eval_interval)")
     return train, valid
+
+
+def _require(missing: list[str], what: str) -> None:
+    """A missing data file is the user's to fix: say which, not a traceback from deep in Megatron."""
+    if missing:
+        raise RecipeError([Problem(RecipeError, f"no {what} at {', '.join(map(repr, missing))}", key="data.paths",
+                                   hint="paths are relative to the directory the run starts in")])
 
 
 def _collate(samples: list[Batch]) -> Batch:

@@ -318,3 +318,14 @@ def test_divergence_stops_without_overwriting_the_last_good_checkpoint(root: Pat
     assert saved is not None and saved < 10
     assert all(json.loads((p / "recipec_manifest.json").read_text())["step"] <= saved
                for p in run.ckpt.glob("iter_*"))
+
+
+def test_missing_data_files_are_a_clear_error(tmp_path: Path) -> None:
+    directory = build("llama3_tiny", ["data.kind=indexed", 'data.paths=["nowhere/corpus_text_document"]',
+                                      "tokenizer.type=null"]).write(tmp_path / "b")
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port()), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-m", "recipec.runtime.train", "--artifact", str(directory)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == 2 and "[data.paths] no indexed dataset" in proc.stderr
+    assert "nowhere/corpus_text_document" in proc.stderr and "Traceback" not in proc.stderr
