@@ -111,6 +111,10 @@ MODIFIERS = {
     "nooverlap": ("optimizer.overlap_grad_reduce=false, overlap_param_gather=false (a no-op on one GPU "
                   "since runtime 1107e1a: overlap is ignored at data-parallel size 1)"),
     "prof": "torch.profiler over 2 steps near the end (timing of the row includes profiler overhead)",
+    "cg": 'train.cuda_graph="layers" (per-layer CUDA graphs, Megatron-Core local impl)',
+    "cgfull": 'train.cuda_graph="full_iteration" (one CUDA graph for forward+backward of the step)',
+    "local": 'model.transformer_impl="local" (Megatron-Core local modules + torch SDPA, no TE)',
+    "compile": 'train.torch_compile=true (inductor per transformer layer; the local modules)',
     "nofuse": ("runtime.model.TE_WGRAD_FUSION = False: TE linears without fused wgrad accumulation (the "
                "runtime's behaviour before it set fuse_wgrad_accumulation on them; the one bench-side switch, "
                "no recipe key)"),
@@ -158,6 +162,14 @@ def overrides_for(args: argparse.Namespace, variant: str) -> list[str]:
     if "prof" in v.mods:
         ov += ["profiling.use_torch_profiler=true", f"profiling.profile_step_start={args.steps - 6}",
                f"profiling.profile_step_end={args.steps - 4}"]
+    if "cg" in v.mods:
+        ov.append('train.cuda_graph="layers"')
+    if "cgfull" in v.mods:
+        ov.append('train.cuda_graph="full_iteration"')
+    if "local" in v.mods:
+        ov.append('model.transformer_impl="local"')
+    if "compile" in v.mods:
+        ov += ["train.torch_compile=true", 'model.transformer_impl="local"']
     if v.base == "fp8_tensorwise":
         ov += ['precision.fp8="tensorwise"', 'precision.fp8_format="hybrid"']
     elif v.base == "fp8_delayed":
@@ -364,7 +376,11 @@ def run_runtime(args: argparse.Namespace, variant: str, compiled: Any, build_dir
         _have_transformer_engine,
     )
 
-    backend = TE_LABEL if _have_transformer_engine() else LOCAL_LABEL
+    cfg = artifact.config
+    impl = cfg.model.transformer_impl
+    use_te = impl == "transformer_engine" or (impl == "auto" and _have_transformer_engine()
+                                              and not cfg.train.torch_compile)
+    backend = TE_LABEL if use_te else LOCAL_LABEL
     mods = split_variant(variant).mods
     fusion = runtime_model.TE_WGRAD_FUSION
     runtime_model.TE_WGRAD_FUSION = "nofuse" not in mods
@@ -391,7 +407,8 @@ def run_runtime(args: argparse.Namespace, variant: str, compiled: Any, build_dir
                log_interval=artifact.config.logging.log_interval,
                manual_gc_interval=artifact.config.train.manual_gc_interval,
                check_for_nan_in_grad=artifact.config.train.check_for_nan_in_grad,
-               layer_spec=backend, te_wgrad_fusion="nofuse" not in mods,
+               layer_spec=backend, te_wgrad_fusion="nofuse" not in mods and use_te,
+               cuda_graph=cfg.train.cuda_graph, torch_compile=cfg.train.torch_compile,
                losses=[[r["step"], r["loss"]] for r in steps], mem_err=(peak - plan.memory_gib["total"]) / plan.memory_gib["total"])
     return res
 
@@ -584,6 +601,7 @@ def run_one(args: argparse.Namespace, variant: str, port: int) -> dict[str, Any]
         res["gbs"] = compiled.config.train.global_batch_size
         res["flops_per_step"] = compiled.plan.flops_per_step
         res["overrides"] = overrides_for(args, variant)
+        res["recipe"] = SHAPES[split_variant(variant).shape]["recipe"]
     except Exception as exc:  # noqa: BLE001 - a failed variant must not stop the others
         tb = traceback.format_exc()
         print(tb, flush=True)

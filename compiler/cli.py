@@ -51,7 +51,8 @@ def _summary(compiled: Compiled) -> str:
         f"{p.microbatches_per_step} microbatches x DP {p.data_parallel_size}; {p.tokens_per_step:,} tokens/step",
         f"  compute  {p.flops_per_step / 1e15:.4g} PFLOP/step (Megatron formula)",
         f"  memory   ~{mem['total']} GiB/GPU (weights {mem['weights']}, grads {mem['gradients']}, "
-        f"optimizer {mem['optimizer']}, activations {mem['activations']}) on {p.accelerator}",
+        f"optimizer {mem['optimizer']}, activations {mem['activations']}"
+        + (f", fp8 copies {mem['fp8']}" if mem.get("fp8") else "") + f") on {p.accelerator}",
         f"  run      {p.command_line(0)}",
         f"  fingerprint {compiled.fingerprint}",
     ])

@@ -104,6 +104,13 @@ def flops_per_step(config: RecipeConfig, vocab: int) -> int:
     return int(12 * b * s * layers * h * h * (attention + mlp + shared + logits))
 
 
+# Peak memory FP8 adds over bf16, per weight of the Transformer Engine linears: TE keeps FP8
+# copies of the weights (and transposes) through backward and saves some inputs in FP8 instead of
+# bf16. Measured on an H100 with tensorwise scaling (bench/RESULTS.md): +0.31 GiB at Llama-3.2-1B
+# (0.34 B/weight), +1.88 GiB at 8 Llama-3-8B layers (1.16 B/weight); this is their upper envelope.
+FP8_BYTES_PER_LINEAR_WEIGHT = 1.25
+
+
 @attrs.frozen
 class MemoryEstimate:
     """Bytes on the busiest GPU (the first pipeline stage), by kind."""
@@ -113,10 +120,11 @@ class MemoryEstimate:
     optimizer: int
     activations: int
     overhead: int
+    fp8: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.overhead
+        return self.weights + self.gradients + self.optimizer + self.activations + self.overhead + self.fp8
 
     def as_gib(self) -> dict[str, float]:
         fields = attrs.asdict(self)
@@ -161,7 +169,8 @@ def estimate_memory(config: RecipeConfig, vocab: int, data_parallel: int, microb
     activations = _activation_bytes(config, vocab, microbatches)
     # CUDA context, NCCL buffers and allocator slack (an assumption until checked on the GPU).
     overhead = int(2 * GIB) if config.launch.accelerator != "cpu" else 0
-    return MemoryEstimate(int(weights), int(gradients), int(optimizer_bytes), int(activations), overhead)
+    fp8 = (layers * c.per_layer_dense / tp + experts) * FP8_BYTES_PER_LINEAR_WEIGHT if prec.fp8 else 0
+    return MemoryEstimate(int(weights), int(gradients), int(optimizer_bytes), int(activations), overhead, int(fp8))
 
 
 def _activation_bytes(config: RecipeConfig, vocab: int, microbatches: int) -> float:

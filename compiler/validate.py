@@ -201,6 +201,37 @@ def precision(c: RecipeConfig) -> Iterator[Finding]:
                 yield ("peft.target_modules", f"unknown LoRA target {target!r}", f"choose from {sorted(valid)}")
 
 
+def kernels(c: RecipeConfig) -> Iterator[Finding]:
+    """Layer implementation, torch.compile and CUDA graphs: the combinations that cannot run."""
+    impl, t = c.model.transformer_impl, c.train
+    if c.precision.fp8 and impl == "local":
+        yield ("model.transformer_impl", f"precision.fp8={c.precision.fp8!r} needs Transformer Engine modules, "
+               'but model.transformer_impl is "local"', 'set model.transformer_impl="auto" or unset precision.fp8')
+    if t.torch_compile and impl == "transformer_engine":
+        yield ("train.torch_compile", "torch.compile runs on Megatron-Core's local modules only (Transformer "
+               'Engine modules are opaque to it), but model.transformer_impl is "transformer_engine"',
+               'set model.transformer_impl="local" (or "auto"), or train.torch_compile=false')
+    if t.torch_compile and c.precision.fp8:
+        yield ("train.torch_compile", "torch.compile runs on the local modules, which have no FP8",
+               "unset precision.fp8 or set train.torch_compile=false")
+    if t.cuda_graph == "none":
+        return
+    if c.launch.accelerator == "cpu":
+        yield ("train.cuda_graph", f"train.cuda_graph={t.cuda_graph!r} needs a GPU; launch.accelerator is cpu",
+               'set train.cuda_graph="none"')
+    if t.torch_compile:
+        yield ("train.cuda_graph", "train.cuda_graph and train.torch_compile cannot be combined here",
+               'keep one: train.cuda_graph="none" or train.torch_compile=false')
+    if t.cuda_graph == "layers" and c.model.recompute_granularity == "full":
+        yield ("train.cuda_graph", 'per-layer CUDA graphs cannot replay full activation recompute (Megatron-Core '
+               'supports it only inside a full-iteration graph)',
+               'set train.cuda_graph="full_iteration", or model.recompute_granularity="selective"')
+    if t.cuda_graph == "full_iteration" and t.check_for_nan_in_grad:
+        yield ("train.check_for_nan_in_grad", "the DDP NaN check reads every gradient bucket on the host, which "
+               'a captured full-iteration graph cannot do', "set train.check_for_nan_in_grad=false (the runtime still "
+               "stops on a non-finite gradient norm)")
+
+
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
 
 
@@ -211,7 +242,8 @@ def naming(c: RecipeConfig) -> Iterator[Finding]:
                "use letters, digits, _ . + - (no spaces or slashes), e.g. name = \"my_llama\"")
 
 
-RULES: tuple[Rule, ...] = (naming, layout, heads, layers, sequence, batches, experts, schedule, io, precision)
+RULES: tuple[Rule, ...] = (naming, layout, heads, layers, sequence, batches, experts, schedule, io, precision,
+                          kernels)
 
 
 def warnings_for(c: RecipeConfig) -> list[str]:

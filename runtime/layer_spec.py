@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from recipec.compiler.errors import RecipeError
+
 from .attention import SDPAttention
 
 TE_LABEL = "transformer_engine"
@@ -55,10 +57,17 @@ def gpt_layer_spec(
     moe_grouped_gemm: bool,
     qk_layernorm: bool,
     normalization: str,
+    *,
+    impl: str = "auto",
+    torch_compile: bool = False,
 ) -> tuple[ModuleSpec, str]:
     """Return ``(transformer layer spec, label)`` where label is "transformer_engine" or
     "local+sdpa".  ``normalization`` is "LayerNorm" or "RMSNorm" (the TE spec takes it
     from the TransformerConfig instead, so it is only forwarded where accepted).
+
+    ``impl`` is model.transformer_impl: "auto" takes TE where it imports, unless the layers are
+    to be torch.compiled (TE modules are opaque to dynamo); "transformer_engine" without TE is
+    an error rather than a silent switch to the slower path.
     """
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
@@ -68,7 +77,11 @@ def gpt_layer_spec(
         qk_layernorm=qk_layernorm,
         normalization=normalization,
     )
-    if _have_transformer_engine():
+    have_te = _have_transformer_engine()
+    if impl == "transformer_engine" and not have_te:
+        raise RecipeError('model.transformer_impl="transformer_engine" but transformer_engine.pytorch does not '
+                          'import here; install recipec[te], or set model.transformer_impl="auto"')
+    if impl == "transformer_engine" or (impl == "auto" and have_te and not torch_compile):
         return _call_supported(specs.get_gpt_layer_with_transformer_engine_spec, specs, **kwargs), TE_LABEL
 
     spec = copy.deepcopy(_call_supported(specs.get_gpt_layer_local_spec, specs, **kwargs))

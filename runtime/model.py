@@ -19,6 +19,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
+from recipec.compiler.errors import RecipeError
 from recipec.compiler.schema import ParallelConfig, RecipeConfig
 
 from .layer_spec import gpt_layer_spec
@@ -145,6 +146,7 @@ def transformer_config(c: RecipeConfig, *, on_gpu: bool, te: bool) -> Transforme
             moe_grouped_gemm=m.moe_grouped_gemm and on_gpu,
             moe_token_dispatcher_type=m.moe_token_dispatcher_type,
         )
+    kwargs.update(_cuda_graph_kwargs(c))
     if prec.fp8:
         kwargs.update(
             fp8="e4m3" if prec.fp8_format == "e4m3" else "hybrid",
@@ -156,20 +158,50 @@ def transformer_config(c: RecipeConfig, *, on_gpu: bool, te: bool) -> Transforme
     return TransformerConfig(**_supported(TransformerConfig, kwargs))
 
 
+def _cuda_graph_kwargs(c: RecipeConfig) -> dict[str, Any]:
+    """TransformerConfig keys for train.cuda_graph, in this Megatron-Core version's spelling.
+
+    0.19 names a full-iteration graph `cuda_graph_impl="full_iteration"`; 0.16 spells it
+    `cuda_graph_impl="local"` + `cuda_graph_scope="full_iteration"`. A version without either
+    is an error, not a silent eager run.
+    """
+    mode = c.train.cuda_graph
+    if mode == "none":
+        return {}
+    fields = {f.name: f for f in dataclasses.fields(TransformerConfig)}
+    if "cuda_graph_impl" not in fields:
+        raise RecipeError(f"train.cuda_graph={mode!r}: this megatron-core has no cuda_graph_impl; "
+                          'upgrade megatron-core or set train.cuda_graph="none"')
+    kwargs: dict[str, Any] = dict(cuda_graph_warmup_steps=c.train.cuda_graph_warmup_steps)
+    if mode == "layers":
+        kwargs["cuda_graph_impl"] = "local"
+    elif "full_iteration" in str(fields["cuda_graph_impl"].type):
+        kwargs["cuda_graph_impl"] = "full_iteration"
+    else:
+        kwargs.update(cuda_graph_impl="local", cuda_graph_scope="full_iteration")
+    return kwargs
+
+
 def init_model_parallel(c: RecipeConfig) -> None:
-    """Megatron's process groups for the recipe's layout, and the seeded RNG streams."""
+    """Megatron's process groups for the recipe's layout, and the seeded RNG streams.
+
+    CUDA graphs replay RNG draws (dropout) only from graph-safe generators, which Megatron's
+    tracker creates when asked (`use_cudagraphable_rng`).
+    """
     parallel_state.initialize_model_parallel(**layout_sizes(c.parallel))
     torch.manual_seed(c.train.seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(c.train.seed)
+    extra = {"use_cudagraphable_rng": True} if c.train.cuda_graph != "none" else {}
+    tensor_parallel.model_parallel_cuda_manual_seed(c.train.seed, **extra)
 
 
 def build_model_chunks(c: RecipeConfig, padded_vocab: int, *, on_gpu: bool) -> tuple[list[GPTModel], str]:
     """This rank's model chunks (one per virtual pipeline stage) and which layer spec they use."""
     m = c.model
-    spec, backend = gpt_layer_spec(m.num_moe_experts, m.moe_grouped_gemm and on_gpu, m.qk_layernorm, m.normalization)
+    spec, backend = gpt_layer_spec(m.num_moe_experts, m.moe_grouped_gemm and on_gpu, m.qk_layernorm, m.normalization,
+                                   impl=m.transformer_impl, torch_compile=c.train.torch_compile)
     if c.precision.fp8 and backend != "transformer_engine":
-        raise RuntimeError(f"precision.fp8={c.precision.fp8!r} needs Transformer Engine, which does not import "
-                           "here; install recipec[te] or unset precision.fp8")
+        raise RecipeError(f"precision.fp8={c.precision.fp8!r} needs Transformer Engine, which does not import "
+                          "here; install recipec[te] or unset precision.fp8")
     config = transformer_config(c, on_gpu=on_gpu, te=backend == "transformer_engine")
     vpp = c.parallel.virtual_pipeline_model_parallel_size or 1
     chunks = []

@@ -179,16 +179,18 @@ def _reduce_loss(outputs: list[dict[str, torch.Tensor]], device: torch.device) -
     return float(value.item())
 
 
-def _refuse_unimplemented(c: RecipeConfig) -> None:
-    """Keys the schema accepts but this runtime does not execute yet: stop before any work,
-    rather than train something other than what the recipe says."""
-    missing = []
-    if c.train.torch_compile:
-        missing.append("train.torch_compile")
-    if missing:
-        raise RecipeError(f"{c.name}: this runtime does not implement {', '.join(missing)} yet; the recipe "
-                          "compiles and its plan is valid, but it cannot be trained here. Use a pretrain recipe, "
-                          "or unset these keys")
+def _full_iteration_graph(forward_backward: Any, c: RecipeConfig) -> Any:
+    """Megatron-Core's full-iteration CUDA graph around the schedule: eager for the warm-up
+    steps, then one capture, then one graph replay per step (forward + backward of every
+    microbatch, grad sync included; the optimizer step stays eager)."""
+    import inspect
+
+    from megatron.core.full_cuda_graph import FullCudaGraphWrapper
+
+    kwargs: dict[str, Any] = {"cuda_graph_warmup_steps": c.train.cuda_graph_warmup_steps}
+    if "use_single_mempool" in inspect.signature(FullCudaGraphWrapper).parameters:
+        kwargs["use_single_mempool"] = True
+    return FullCudaGraphWrapper(forward_backward, **kwargs)
 
 
 def run(artifact: Artifact) -> int:
@@ -205,7 +207,6 @@ def run(artifact: Artifact) -> int:
     from .tokenizer import build_tokenizer
 
     c, plan = artifact.config, artifact.plan
-    _refuse_unimplemented(c)
     on_gpu = torch.cuda.is_available() and c.launch.accelerator != "cpu"
     if not on_gpu:
         activate_cpu_mode()
@@ -244,6 +245,11 @@ def run(artifact: Artifact) -> int:
         trainable, total = parameter_counts(chunks)
         log.info(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%; "
                  f"rank {c.peft.lora_rank}, alpha {c.peft.lora_alpha:g}, targets {', '.join(c.peft.target_modules)})")
+    if c.train.torch_compile:
+        from .compile import compile_transformer_layers
+
+        n = sum(compile_transformer_layers([chunk]) for chunk in chunks)
+        log.info(f"torch.compile: {n} transformer layers compiled (inductor, one graph per layer)")
     log.info(f"recipec: {c.name} ({artifact.fingerprint[:19]}) on {dist.get_world_size()} rank(s), "
              f"{'cuda/nccl' if on_gpu else 'cpu/gloo (CPU mode: CUDA-only Megatron calls redirected)'}; "
              f"layer spec: {backend}" + ("" if backend == "transformer_engine"
@@ -263,6 +269,10 @@ def run(artifact: Artifact) -> int:
         scheduler.step(increment=0)
 
     forward_backward = get_forward_backward_func()
+    if c.train.cuda_graph == "full_iteration":
+        forward_backward = _full_iteration_graph(forward_backward, c)
+    if c.train.cuda_graph != "none":
+        log.info(f"CUDA graphs: {c.train.cuda_graph}, captured after {c.train.cuda_graph_warmup_steps} eager steps")
     stop = StopSignal()
     meter = Meter(plan, out_dir, dist.get_world_size(), c.logging.tensorboard_dir, writer=rank0)
     profiler = Profiler(c.profiling, dist.get_rank(), out_dir, on_gpu)

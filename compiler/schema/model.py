@@ -13,6 +13,11 @@ class ModelConfig:
         "llama", "Family, used for the HF bridge and `recipec list`.",
         choices=("gpt", "llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe", "gemma2"),
     )
+    transformer_impl: str = option(
+        "auto", "Layer implementation: Transformer Engine's fused modules, or Megatron-Core's local modules "
+        "with torch SDPA; auto takes Transformer Engine where it imports (and local with train.torch_compile).",
+        choices=("auto", "transformer_engine", "local"),
+    )
     num_layers: int = option(12, "Number of transformer layers.", min=1)
     hidden_size: int = option(768, "Model width (embedding and residual size).", min=1)
     ffn_hidden_size: int | None = option(

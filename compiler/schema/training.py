@@ -15,7 +15,19 @@ class TrainConfig:
     eval_interval: int | None = option(None, "Evaluate every N steps; unset for never.", min=1)
     eval_iters: int = option(10, "Batches per evaluation.", min=1)
     seed: int = option(1234, "Random seed (init, data order, dropout).", min=0)
-    torch_compile: bool = option(False, "torch.compile the model (non-TE path).")
+    torch_compile: bool = option(
+        False, "torch.compile each transformer layer (inductor); needs model.transformer_impl local or auto, "
+        "where auto then picks the local modules."
+    )
+    cuda_graph: str = option(
+        "none", "Replay CUDA graphs instead of launching kernels one by one: `layers` captures each "
+        "transformer layer's forward and backward (Megatron-Core's local graphs), `full_iteration` the "
+        "whole forward-backward of a step (not the optimizer). GPU only.",
+        choices=("none", "layers", "full_iteration"),
+    )
+    cuda_graph_warmup_steps: int = option(
+        3, "Eager steps before the CUDA graphs are captured.", min=1
+    )
     exit_signal_handler: bool = option(
         True, "On SIGTERM/SIGUSR1 save a checkpoint at the next log step and exit 0."
     )

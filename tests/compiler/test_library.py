@@ -219,11 +219,12 @@ def test_list_shows_every_recipe_by_family() -> None:
         assert abs(size - c.plan.params_total) <= slack, (name, row.group(0))
 
 
-# The building blocks compose: each precision/data mixin on llama3_8b, each parallel preset on
+# The building blocks compose: each precision mixin on llama3_8b_fp8 (whose layout leaves room for
+# the FP8 weight copies), each data mixin on llama3_8b, each parallel preset on
 # a recipe of the size it is meant for, and the preset's [parallel] replaces the parent's.
 BLOCKS = {
-    "_mixins/bf16": "llama3_8b_fp8", "_mixins/fp8_delayed": "llama3_8b", "_mixins/fp8_current": "llama3_8b",
-    "_mixins/fp8_blockwise": "llama3_8b", "_mixins/mxfp8": "llama3_8b", "_mixins/lora": "llama3_8b_sft",
+    "_mixins/bf16": "llama3_8b_fp8", "_mixins/fp8_delayed": "llama3_8b_fp8", "_mixins/fp8_current": "llama3_8b_fp8",
+    "_mixins/fp8_blockwise": "llama3_8b_fp8", "_mixins/mxfp8": "llama3_8b_fp8", "_mixins/lora": "llama3_8b_sft",
     "_data/mock": "llama3_8b_sft", "_data/indexed_blend": "llama3_8b", "_data/sft_jsonl": "llama3_8b",
     "_parallel/tp1": "llama32_1b", "_parallel/tp2": "llama3_8b", "_parallel/tp2_sp": "qwen25_7b",
     "_parallel/tp4_sp": "qwen25_14b", "_parallel/tp8": "llama3_70b_lora", "_parallel/tp8_sp": "qwen3_14b",

@@ -230,12 +230,18 @@ def test_alltoall_dispatcher_on_cpu_is_refused_at_compile_time() -> None:
                               "parallel.expert_model_parallel_size=2"])
 
 
-def test_recipe_keys_the_runtime_does_not_execute_are_refused(tmp_path: Path) -> None:
-    directory = build("llama3_tiny", ["train.torch_compile=true"]).write(tmp_path / "b")
+def test_transformer_engine_demanded_but_absent_is_a_clear_error(tmp_path: Path) -> None:
+    pytest.importorskip("megatron.core")
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+        pytest.skip("Transformer Engine imports here")
+    except Exception:  # noqa: BLE001
+        pass
+    directory = build("llama3_tiny", ['model.transformer_impl="transformer_engine"']).write(tmp_path / "b")
     proc = subprocess.run([sys.executable, "-m", "recipec.runtime.train", "--artifact", str(directory)],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "does not implement train.torch_compile" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert 'model.transformer_impl="transformer_engine"' in proc.stderr and "Traceback" not in proc.stderr
 
 
 LORA = ["peft.method=lora", "peft.lora_rank=8", "peft.lora_alpha=16", "optimizer.lr=1e-2"]
