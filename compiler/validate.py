@@ -253,6 +253,9 @@ def warnings_for(c: RecipeConfig) -> list[str]:
                      "without it the runtime stops with an error")
     if c.precision.fp8 == "mxfp8" and not c.launch.accelerator.startswith("B"):
         notes.append("mxfp8 needs Blackwell GPUs; launch.accelerator is " + c.launch.accelerator)
+    if c.model.transformer_impl == "local" or c.train.torch_compile:
+        notes.append("the memory estimate assumes Transformer Engine's fused layers; Megatron-Core's local modules "
+                     "measured 10% (torch.compile) to 29% (eager) above it on an H100 (bench/RESULTS.md)")
     if c.scheduler.lr_decay_iters and c.scheduler.lr_decay_iters > c.train.train_iters:
         notes.append(f"lr_decay_iters {c.scheduler.lr_decay_iters} > train_iters {c.train.train_iters}: "
                      "the run ends before min_lr")

@@ -52,6 +52,17 @@ def _call_supported(fn: Callable[..., ModuleSpec], module: Any, **kwargs: Any) -
     return fn(**{k: v for k, v in kwargs.items() if accepted is None or k in accepted})
 
 
+def uses_transformer_engine(impl: str, torch_compile: bool) -> bool:
+    """model.transformer_impl resolved on this machine: "auto" takes TE where it imports, unless
+    the layers are to be torch.compiled (TE modules are opaque to dynamo)."""
+    if impl == "transformer_engine":
+        if not _have_transformer_engine():
+            raise RecipeError('model.transformer_impl="transformer_engine" but transformer_engine.pytorch does not '
+                              'import here; install recipec[te], or set model.transformer_impl="auto"')
+        return True
+    return impl == "auto" and not torch_compile and _have_transformer_engine()
+
+
 def gpt_layer_spec(
     num_experts: int | None,
     moe_grouped_gemm: bool,
@@ -65,9 +76,8 @@ def gpt_layer_spec(
     "local+sdpa".  ``normalization`` is "LayerNorm" or "RMSNorm" (the TE spec takes it
     from the TransformerConfig instead, so it is only forwarded where accepted).
 
-    ``impl`` is model.transformer_impl: "auto" takes TE where it imports, unless the layers are
-    to be torch.compiled (TE modules are opaque to dynamo); "transformer_engine" without TE is
-    an error rather than a silent switch to the slower path.
+    ``impl`` is model.transformer_impl (see `uses_transformer_engine`); "transformer_engine"
+    without TE is an error rather than a silent switch to the slower path.
     """
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
@@ -77,11 +87,7 @@ def gpt_layer_spec(
         qk_layernorm=qk_layernorm,
         normalization=normalization,
     )
-    have_te = _have_transformer_engine()
-    if impl == "transformer_engine" and not have_te:
-        raise RecipeError('model.transformer_impl="transformer_engine" but transformer_engine.pytorch does not '
-                          'import here; install recipec[te], or set model.transformer_impl="auto"')
-    if impl == "transformer_engine" or (impl == "auto" and have_te and not torch_compile):
+    if uses_transformer_engine(impl, torch_compile):
         return _call_supported(specs.get_gpt_layer_with_transformer_engine_spec, specs, **kwargs), TE_LABEL
 
     spec = copy.deepcopy(_call_supported(specs.get_gpt_layer_local_spec, specs, **kwargs))

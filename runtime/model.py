@@ -22,7 +22,7 @@ from megatron.core.transformer import TransformerConfig
 from recipec.compiler.errors import RecipeError
 from recipec.compiler.schema import ParallelConfig, RecipeConfig
 
-from .layer_spec import gpt_layer_spec
+from .layer_spec import gpt_layer_spec, uses_transformer_engine
 
 log = logging.getLogger("recipec.runtime")
 
@@ -172,7 +172,8 @@ def _cuda_graph_kwargs(c: RecipeConfig) -> dict[str, Any]:
     if "cuda_graph_impl" not in fields:
         raise RecipeError(f"train.cuda_graph={mode!r}: this megatron-core has no cuda_graph_impl; "
                           'upgrade megatron-core or set train.cuda_graph="none"')
-    kwargs: dict[str, Any] = dict(cuda_graph_warmup_steps=c.train.cuda_graph_warmup_steps)
+    kwargs: dict[str, Any] = dict(cuda_graph_warmup_steps=c.train.cuda_graph_warmup_steps,
+                                  use_te_rng_tracker=_graphs_use_te_rng(c))
     if mode == "layers":
         kwargs["cuda_graph_impl"] = "local"
     elif "full_iteration" in str(fields["cuda_graph_impl"].type):
@@ -182,15 +183,22 @@ def _cuda_graph_kwargs(c: RecipeConfig) -> dict[str, Any]:
     return kwargs
 
 
+def _graphs_use_te_rng(c: RecipeConfig) -> bool:
+    """CUDA graphs with TE modules need TE's RNG tracker (TE's attention asserts it while capturing)."""
+    return c.train.cuda_graph != "none" and uses_transformer_engine(c.model.transformer_impl, c.train.torch_compile)
+
+
 def init_model_parallel(c: RecipeConfig) -> None:
     """Megatron's process groups for the recipe's layout, and the seeded RNG streams.
 
-    CUDA graphs replay RNG draws (dropout) only from graph-safe generators, which Megatron's
-    tracker creates when asked (`use_cudagraphable_rng`).
+    CUDA graphs replay RNG draws (dropout) only from graph-safe generators: TE's tracker with TE
+    modules, else Megatron's tracker with `use_cudagraphable_rng`.
     """
     parallel_state.initialize_model_parallel(**layout_sizes(c.parallel))
     torch.manual_seed(c.train.seed)
-    extra = {"use_cudagraphable_rng": True} if c.train.cuda_graph != "none" else {}
+    extra: dict[str, bool] = {}
+    if c.train.cuda_graph != "none":
+        extra = {"te_rng_tracker": True} if _graphs_use_te_rng(c) else {"use_cudagraphable_rng": True}
     tensor_parallel.model_parallel_cuda_manual_seed(c.train.seed, **extra)
 
 

@@ -66,6 +66,10 @@ def _init_distributed(c: RecipeConfig, on_gpu: bool) -> torch.device:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
+        if c.train.cuda_graph != "none":
+            # Capture must not depend on the legacy default stream; autograd nodes made before it
+            # (DDP's grad-accumulator hooks) remember the stream current when they were created.
+            torch.cuda.set_stream(torch.cuda.Stream())
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
@@ -193,6 +197,17 @@ def _full_iteration_graph(forward_backward: Any, c: RecipeConfig) -> Any:
     return FullCudaGraphWrapper(forward_backward, **kwargs)
 
 
+def _cuda_graphs_captured(mode: str) -> bool:
+    """Whether Megatron-Core has captured this mode's graphs (so the log can say so, not assume)."""
+    if mode == "layers":
+        from megatron.core.transformer.cuda_graphs import _CudagraphGlobalRecord
+
+        return bool(_CudagraphGlobalRecord.cudagraph_created)
+    from megatron.core.full_cuda_graph import FullCudaGraphWrapper
+
+    return FullCudaGraphWrapper.cuda_graph.get("training") is not None
+
+
 def run(artifact: Artifact) -> int:
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -207,6 +222,9 @@ def run(artifact: Artifact) -> int:
     from .tokenizer import build_tokenizer
 
     c, plan = artifact.config, artifact.plan
+    from .layer_spec import uses_transformer_engine
+
+    uses_transformer_engine(c.model.transformer_impl, c.train.torch_compile)  # a missing TE fails here, first
     on_gpu = torch.cuda.is_available() and c.launch.accelerator != "cpu"
     if not on_gpu:
         activate_cpu_mode()
@@ -249,7 +267,7 @@ def run(artifact: Artifact) -> int:
         from .compile import compile_transformer_layers
 
         n = sum(compile_transformer_layers([chunk]) for chunk in chunks)
-        log.info(f"torch.compile: {n} transformer layers compiled (inductor, one graph per layer)")
+        log.info(f"torch.compile: {n} transformer layers compiled (inductor, per layer; identical layers share a graph)")
     log.info(f"recipec: {c.name} ({artifact.fingerprint[:19]}) on {dist.get_world_size()} rank(s), "
              f"{'cuda/nccl' if on_gpu else 'cpu/gloo (CPU mode: CUDA-only Megatron calls redirected)'}; "
              f"layer spec: {backend}" + ("" if backend == "transformer_engine"
@@ -285,7 +303,7 @@ def run(artifact: Artifact) -> int:
                  f"raise train.train_iters to continue this run")
     elif rank0 and step:
         log.info(f"continuing at step {step + 1} of {c.train.train_iters}")
-    last_saved = step
+    last_saved = start_step = step
     # Model, optimizer and Megatron state live for the whole run: keep them out of the cyclic
     # GC's generations, else each full collection walks them all (Llama-3.2-1B on one H100:
     # 208 -> 198 ms/step, bench/RESULTS.md). Unfrozen below, for callers that run() in-process.
@@ -309,6 +327,10 @@ def run(artifact: Artifact) -> int:
                 raise DivergedError(f"gradient norm is {norm} at step {step}; stopping without saving, so the "
                                     f"last checkpoint ({last_saved or 'none'}) stays the last good one")
             pending.append((step, _local_loss(outputs, device), optimizer.param_groups[0]["lr"], norm, ok))
+            if c.train.cuda_graph != "none" and step == start_step + c.train.cuda_graph_warmup_steps + 2:
+                captured = _cuda_graphs_captured(c.train.cuda_graph)
+                log.info(f"CUDA graphs ({c.train.cuda_graph}) {'captured and replaying' if captured else 'NOT captured: eager'}"
+                         f" at step {step}")
             profiler.after_step(step)
             if gc_interval and step % gc_interval == 0:
                 gc.collect()

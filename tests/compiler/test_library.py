@@ -224,7 +224,7 @@ def test_list_shows_every_recipe_by_family() -> None:
 # a recipe of the size it is meant for, and the preset's [parallel] replaces the parent's.
 BLOCKS = {
     "_mixins/bf16": "llama3_8b_fp8", "_mixins/fp8_delayed": "llama3_8b_fp8", "_mixins/fp8_current": "llama3_8b_fp8",
-    "_mixins/fp8_blockwise": "llama3_8b_fp8", "_mixins/mxfp8": "llama3_8b_fp8", "_mixins/lora": "llama3_8b_sft",
+    "_mixins/fp8_blockwise": "llama3_8b_fp8", "_mixins/mxfp8": "llama3_8b_fp8", "_mixins/cuda_graph": "llama32_1b", "_mixins/lora": "llama3_8b_sft",
     "_data/mock": "llama3_8b_sft", "_data/indexed_blend": "llama3_8b", "_data/sft_jsonl": "llama3_8b",
     "_parallel/tp1": "llama32_1b", "_parallel/tp2": "llama3_8b", "_parallel/tp2_sp": "qwen25_7b",
     "_parallel/tp4_sp": "qwen25_14b", "_parallel/tp8": "llama3_70b_lora", "_parallel/tp8_sp": "qwen3_14b",

@@ -230,6 +230,13 @@ def test_alltoall_dispatcher_on_cpu_is_refused_at_compile_time() -> None:
                               "parallel.expert_model_parallel_size=2"])
 
 
+def test_torch_compile_trains_like_eager(root: Path, reference: Run) -> None:
+    run = Run(root, "compiled", 1, "train.train_iters=10", "train.torch_compile=true")
+    output = run.run()
+    assert "torch.compile: 4 transformer layers compiled" in output and "layer spec: local+sdpa" in output
+    assert_close(run.losses(), reference.losses(), range(1, 11), "torch.compile vs eager")
+
+
 def test_transformer_engine_demanded_but_absent_is_a_clear_error(tmp_path: Path) -> None:
     pytest.importorskip("megatron.core")
     try:
