@@ -120,6 +120,18 @@ MODIFIERS = {
                "no recipe key)"),
 }
 
+# The recipe overrides of each modifier (prof depends on --steps; nofuse is a runtime switch).
+MODIFIER_OVERRIDES: dict[str, list[str]] = {
+    "log1": ["logging.log_interval=1"],
+    "nonan": ["train.check_for_nan_in_grad=false"],
+    "gc0": ["train.manual_gc_interval=0"],
+    "nooverlap": ["optimizer.overlap_grad_reduce=false", "optimizer.overlap_param_gather=false"],
+    "cg": ['train.cuda_graph="layers"'],
+    "cgfull": ['train.cuda_graph="full_iteration"'],
+    "local": ['model.transformer_impl="local"'],
+    "compile": ["train.torch_compile=true", 'model.transformer_impl="local"'],
+}
+
 # recipe, fixed overrides, seq and micro batch (None: from the command line)
 SHAPES: dict[str, dict[str, Any]] = {
     "1b": {"recipe": "llama32_1b", "overrides": [], "seq": None, "mbs": None},
@@ -151,25 +163,11 @@ def overrides_for(args: argparse.Namespace, variant: str) -> list[str]:
     ]
     if args.log_interval:
         ov.append(f"logging.log_interval={args.log_interval}")
-    if "log1" in v.mods:
-        ov.append("logging.log_interval=1")
-    if "nonan" in v.mods:
-        ov.append("train.check_for_nan_in_grad=false")
-    if "gc0" in v.mods:
-        ov.append("train.manual_gc_interval=0")
-    if "nooverlap" in v.mods:
-        ov += ["optimizer.overlap_grad_reduce=false", "optimizer.overlap_param_gather=false"]
+    for mod in sorted(v.mods):
+        ov += MODIFIER_OVERRIDES.get(mod, [])
     if "prof" in v.mods:
         ov += ["profiling.use_torch_profiler=true", f"profiling.profile_step_start={args.steps - 6}",
                f"profiling.profile_step_end={args.steps - 4}"]
-    if "cg" in v.mods:
-        ov.append('train.cuda_graph="layers"')
-    if "cgfull" in v.mods:
-        ov.append('train.cuda_graph="full_iteration"')
-    if "local" in v.mods:
-        ov.append('model.transformer_impl="local"')
-    if "compile" in v.mods:
-        ov += ["train.torch_compile=true", 'model.transformer_impl="local"']
     if v.base == "fp8_tensorwise":
         ov += ['precision.fp8="tensorwise"', 'precision.fp8_format="hybrid"']
     elif v.base == "fp8_delayed":
