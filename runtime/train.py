@@ -226,6 +226,9 @@ def run(artifact: Artifact) -> int:
 
     uses_transformer_engine(c.model.transformer_impl, c.train.torch_compile)  # a missing TE fails here, first
     on_gpu = torch.cuda.is_available() and c.launch.accelerator != "cpu"
+    if c.train.cuda_graph != "none" and not on_gpu:
+        raise RecipeError(f"train.cuda_graph={c.train.cuda_graph!r} needs a CUDA GPU, and this machine has none "
+                          "(the recipe compiled for " + c.launch.accelerator + '); set train.cuda_graph="none"')
     if not on_gpu:
         activate_cpu_mode()
     device = _init_distributed(c, on_gpu)

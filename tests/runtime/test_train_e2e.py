@@ -237,6 +237,15 @@ def test_torch_compile_trains_like_eager(root: Path, reference: Run) -> None:
     assert_close(run.losses(), reference.losses(), range(1, 11), "torch.compile vs eager")
 
 
+def test_cuda_graphs_without_a_gpu_are_a_clear_error(tmp_path: Path) -> None:
+    directory = build("llama3_tiny", ['launch.accelerator="H100-80GB"', 'precision.dtype="bf16"',
+                                      'train.cuda_graph="full_iteration"']).write(tmp_path / "b")
+    proc = subprocess.run([sys.executable, "-m", "recipec.runtime.train", "--artifact", str(directory)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "train.cuda_graph='full_iteration' needs a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_transformer_engine_demanded_but_absent_is_a_clear_error(tmp_path: Path) -> None:
     pytest.importorskip("megatron.core")
     try:
