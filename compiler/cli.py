@@ -2,35 +2,79 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from .api import Compiled, build
-from .errors import RecipeError
+from .errors import Problem, RecipeError
+from .text import shown
 
 USER_ERROR = 2
 
 
 def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn RecipeError into a clean message on stderr and exit 2."""
+    """The CLI's one boundary: anything a user or a file can cause ends in one `recipec: error:`
+    message and exit 2. RecipeError carries file, line, key and hint; the file-caused exceptions
+    below are a last resort for what no check foresaw (a directory vanishing mid-build, a full
+    disk). Everything else is a bug in recipec and keeps its traceback."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except RecipeError as exc:
-            click.echo(f"recipec: error: {exc}", err=True)
-            sys.exit(USER_ERROR)
+            _fail(str(exc))
+        except OSError as exc:
+            _fail(_os_message(exc))
+        except UnicodeError as exc:
+            _fail(f"text that is not valid UTF-8 ({exc.reason})",
+                  "file names, recipes and overrides are UTF-8 text")
+        except RecursionError:
+            _fail("input nested too deeply to read", "a recipe nests a few tables deep; flatten the data")
 
     return wrapper
 
 
+def _fail(message: str, hint: str | None = None) -> NoReturn:
+    text = f"recipec: error: {message}" + (f"\n   hint: {hint}" if hint else "")
+    # Arguments that are not UTF-8 arrive as surrogates; print them escaped rather than fail again.
+    click.echo(text.encode("utf-8", "backslashreplace").decode("utf-8"), err=True)
+    sys.exit(USER_ERROR)
+
+
+_OS_HINTS = {
+    errno.EEXIST: "a file is in the way: -o names a directory (it is created when missing)",
+    errno.ENOTDIR: "a file is in the way: -o names a directory (it is created when missing)",
+    errno.EISDIR: "name a file, not a directory",
+    errno.ENAMETOOLONG: "use a shorter path",
+    errno.EACCES: "choose a path you may read and write, e.g. -o under your home or working directory",
+    errno.EROFS: "choose a writable location",
+    errno.ENOSPC: "free some space or write elsewhere (-o)",
+}
+
+
+def _os_message(exc: OSError) -> str:
+    where = shown(os.fsdecode(exc.filename)) + ": " if exc.filename is not None else ""
+    hint = _OS_HINTS.get(exc.errno or 0)
+    return f"{where}{exc.strerror or exc}" + (f"\n   hint: {hint}" if hint else "")
+
+
+def _check_out(out: str | None) -> None:
+    """`-o DIR` names a directory (made when missing); refuse a file there before compiling."""
+    if out is not None and os.path.lexists(out) and not os.path.isdir(out):
+        raise RecipeError([Problem(RecipeError, f"-o {shown(out)} is a file, not a directory",
+                                   hint="name a build directory (it is created when missing), or remove the file")])
+
+
 def _compile(recipe: str, overrides: tuple[str, ...], files: tuple[str, ...], out: str | None = None) -> Compiled:
+    _check_out(out)
     compiled = build(recipe, overrides, overlays=files, artifact_dir=out)
     for warning in compiled.warnings:
         click.echo(f"recipec: warning: {warning}", err=True)
@@ -42,13 +86,13 @@ def _summary(compiled: Compiled) -> str:
     par = c.parallel
     mem = p.memory_gib
     return "\n".join([
-        f"{c.name}: {p.params_total / 1e9:.3g}B params ({p.params_active / 1e9:.3g}B active), "
-        f"seq {c.model.seq_length}, {c.launch.nodes} node(s) x {c.launch.gpus_per_node} = {p.world_size} ranks",
+        (f"{c.name}: {p.params_total / 1e9:.3g}B params ({p.params_active / 1e9:.3g}B active), "
+         f"seq {c.model.seq_length}, {c.launch.nodes} node(s) x {c.launch.gpus_per_node} = {p.world_size} ranks"),
         f"  layout   TP {par.tensor_model_parallel_size} x PP {par.pipeline_model_parallel_size} x "
         f"CP {par.context_parallel_size} x DP {p.data_parallel_size}"
         + (f", EP {par.expert_model_parallel_size}" if c.model.is_moe else ""),
-        f"  batch    global {c.train.global_batch_size} = micro {c.train.micro_batch_size} x "
-        f"{p.microbatches_per_step} microbatches x DP {p.data_parallel_size}; {p.tokens_per_step:,} tokens/step",
+        (f"  batch    global {c.train.global_batch_size} = micro {c.train.micro_batch_size} x "
+         f"{p.microbatches_per_step} microbatches x DP {p.data_parallel_size}; {p.tokens_per_step:,} tokens/step"),
         f"  compute  {p.flops_per_step / 1e15:.4g} PFLOP/step (Megatron formula)",
         f"  memory   ~{mem['total']} GiB/GPU (weights {mem['weights']}, grads {mem['gradients']}, "
         f"optimizer {mem['optimizer']}, activations {mem['activations']}"
@@ -164,11 +208,14 @@ def import_hf_cmd(path: str, out: str | None, base: str) -> None:
 
     from .hf_import import recipe_from_hf
 
+    if out is not None and (not out.endswith(".toml") or os.path.isdir(out)):
+        raise RecipeError([Problem(RecipeError, f"-o {shown(out)} must name a .toml file",
+                                   hint="e.g. -o my_model.toml (recipes are .toml files; its name becomes the recipe's)")])
     name = Path(out).stem if out else None
     text = recipe_from_hf(path, base=base, name=name)
     if out:
-        Path(out).write_text(text)
-        click.echo(f"wrote {out}")
+        Path(out).write_text(text, encoding="utf-8")
+        click.echo(f"wrote {shown(out)}")
     else:
         click.echo(text, nl=False)
 

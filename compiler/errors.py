@@ -13,6 +13,10 @@ from collections.abc import Iterable
 import attrs
 
 from .sources import Source
+from .text import shown
+
+MAX_SHOWN = 50  # problems printed in full; the rest are counted
+MAX_LINE = 500  # characters of one message line
 
 
 class RecipeError(Exception):
@@ -28,9 +32,11 @@ class RecipeError(Exception):
         if len(self.problems) == 1:
             return self.problems[0].render()
         lines = [f"{len(self.problems)} problems in this recipe:"]
-        for i, problem in enumerate(self.problems, 1):
+        for i, problem in enumerate(self.problems[:MAX_SHOWN], 1):
             body = problem.render().replace("\n", "\n   ")
             lines.append(f"{i}. {body}")
+        if len(self.problems) > MAX_SHOWN:  # a generated recipe can have 100k; the first ones say enough
+            lines.append(f"... and {len(self.problems) - MAX_SHOWN} more")
         return "\n".join(lines)
 
     @staticmethod
@@ -52,6 +58,10 @@ class RecipeNotFoundError(RecipeError):
 
 class CyclicExtendsError(RecipeError):
     """`extends` leads back to a recipe already being loaded."""
+
+
+class ExtendsLimitError(RecipeError):
+    """An `extends` chain deeper, or reaching more files, than any hand-written recipe does."""
 
 
 class UnknownKeyError(RecipeError):
@@ -89,11 +99,12 @@ class Problem:
         if self.source is not None and self.source.kind != "default":
             head = f"{self.source}: "
         if self.key:
-            head += f"[{self.key}] "
+            head += f"[{shown(self.key)}] "
         text = head + self.message
         if self.hint:
             text += f"\n   hint: {self.hint}"
-        return text
+        # Messages quote user text (keys, names, values): each line stays one line and readable.
+        return "\n".join(shown(line, MAX_LINE) for line in text.split("\n"))
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:

@@ -9,32 +9,39 @@ the runtime lacks, attention/MLP biases Megatron cannot reproduce, an unknown
 model_type ...), rejected with an `HFImportError` that names the HF field.
 Both transformers 4.x (`rope_theta`, `rope_scaling`) and 5.x (`rope_parameters`)
 spellings are read.
+
+config.json is data from anywhere: every field is read through `HFConfig` (typed,
+finite, in range), the recipe is written only through the TOML writer (values
+escaped, comments on one line), and the result is compiled before it is returned,
+so import-hf gives a recipe that builds or an HFImportError naming the field.
 """
 
 from __future__ import annotations
 
-import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from .errors import Problem, RecipeError
-from .render import toml_value
+from .hf_fields import HFConfig, HFImportError, fail, read_hf_config
+from .render import toml_document
+from .schema import ModelConfig
+from .schema._fields import check_value
+from .text import shown
 
-
-class HFImportError(RecipeError):
-    """A Hugging Face config that recipec cannot express (or cannot read)."""
-
+__all__ = ["ARCHITECTURES", "HFImportError", "hf_config", "model_fields", "read_hf_config", "recipe_from_hf",
+           "tokenizer_files"]
 
 # One row per supported HF model_type: the recipec family, the bundled family base,
 # the HF class written back on export, and which optional pieces the family has.
 ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "llama": dict(architecture="llama", base="_base/llama2", hf_class="LlamaForCausalLM"),
-    "mistral": dict(architecture="mistral", base="_base/mistral", hf_class="MistralForCausalLM"),
-    "qwen2": dict(architecture="qwen2", base="_base/qwen25", hf_class="Qwen2ForCausalLM", qkv_bias=True),
-    "qwen3": dict(architecture="qwen3", base="_base/qwen3", hf_class="Qwen3ForCausalLM", qk_norm=True),
-    "mixtral": dict(architecture="mixtral", base="_base/mixtral", hf_class="MixtralForCausalLM", moe=True),
-    "qwen3_moe": dict(architecture="qwen3_moe", base="_base/qwen3_moe", hf_class="Qwen3MoeForCausalLM",
-                      qk_norm=True, moe=True),
+    "llama": {"architecture": "llama", "base": "_base/llama2", "hf_class": "LlamaForCausalLM"},
+    "mistral": {"architecture": "mistral", "base": "_base/mistral", "hf_class": "MistralForCausalLM"},
+    "qwen2": {"architecture": "qwen2", "base": "_base/qwen25", "hf_class": "Qwen2ForCausalLM", "qkv_bias": True},
+    "qwen3": {"architecture": "qwen3", "base": "_base/qwen3", "hf_class": "Qwen3ForCausalLM", "qk_norm": True},
+    "mixtral": {"architecture": "mixtral", "base": "_base/mixtral", "hf_class": "MixtralForCausalLM", "moe": True},
+    "qwen3_moe": {"architecture": "qwen3_moe", "base": "_base/qwen3_moe", "hf_class": "Qwen3MoeForCausalLM",
+                  "qk_norm": True, "moe": True},
 }
 _BY_FAMILY = {row["architecture"]: mt for mt, row in ARCHITECTURES.items()}
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu"}
@@ -43,155 +50,168 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 _LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
 
 
-def _fail(field: str, message: str, hint: str | None = None) -> HFImportError:
-    return HFImportError([Problem(HFImportError, message, key=f"config.json:{field}", hint=hint)])
+class _Model(dict[str, Any]):
+    """`[model]` values, each remembering the config.json field it came from (for error messages)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fields: dict[str, str] = {}
+
+    def put(self, key: str, value: Any, field: str | None = None) -> None:
+        self[key] = value
+        if field is not None:
+            self.fields[key] = field
 
 
-def read_hf_config(path: str | Path) -> tuple[dict[str, Any], Path]:
-    """The parsed config.json of a local HF model directory (or of the file itself)."""
-    p = Path(path)
-    file = p / "config.json" if p.is_dir() else p
-    if not file.is_file():
-        raise HFImportError([Problem(HFImportError, f"no config.json at {file}", key=str(p),
-                                     hint="pass a local Hugging Face model directory (nothing is downloaded)")])
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, ValueError) as exc:
-        raise HFImportError([Problem(HFImportError, f"{file} is not readable JSON ({exc})", key=str(file))]) from None
-    if not isinstance(data, dict):
-        raise HFImportError([Problem(HFImportError, f"{file} does not hold a JSON object", key=str(file))])
-    return data, file.parent
-
-
-def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None, str]:
-    """(theta, scaling dict or None, name of the field the scaling came from)."""
-    params = cfg.get("rope_parameters")
-    if isinstance(params, dict):  # transformers 5
-        theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        kind = params.get("rope_type", params.get("type", "default"))
-        return float(theta), (None if kind == "default" else params), "rope_parameters"
-    scaling = cfg.get("rope_scaling")
-    return float(cfg.get("rope_theta", 10000.0)), scaling or None, "rope_scaling"
+def _rope(c: HFConfig) -> tuple[float, HFConfig | None, str]:
+    """(theta, scaling sub-object or None, the field theta came from)."""
+    params = c.table("rope_parameters")
+    if params is not None:  # transformers 5
+        theta = params.number("rope_theta", c.number("rope_theta", 10000.0))
+        kind = params.text("rope_type", params.text("type", "default"))
+        return theta, (None if kind == "default" else params), "rope_parameters.rope_theta"
+    scaling = c.table("rope_scaling")
+    return c.number("rope_theta", 10000.0), (scaling if scaling and scaling.data else None), "rope_theta"
 
 
 def model_fields(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(`[model]` values, the arch row) for an HF config; raises HFImportError naming the field."""
-    model_type = cfg.get("model_type")
+    m, row = _map(cfg)
+    return dict(m), row
+
+
+def _map(cfg: dict[str, Any]) -> tuple[_Model, dict[str, Any]]:
+    c = HFConfig(cfg)
+    model_type = c.text("model_type", None)
     if model_type not in ARCHITECTURES:
-        raise _fail("model_type", f"model_type {model_type!r} has no recipec mapping",
-                    hint=f"supported: {', '.join(sorted(ARCHITECTURES))}")
+        raise fail("model_type", f"model_type {shown(repr(model_type))} has no recipec mapping",
+                   hint=f"supported: {', '.join(sorted(ARCHITECTURES))}")
     row = ARCHITECTURES[model_type]
-
-    def need(name: str, *alts: str) -> Any:
-        for key in (name, *alts):
-            if cfg.get(key) is not None:
-                return cfg[key]
-        raise _fail(name, f"{name} is missing from config.json")
-
-    hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
-    m: dict[str, Any] = {
-        "architecture": row["architecture"],
-        "num_layers": int(need("num_hidden_layers")),
-        "hidden_size": hidden,
-        "ffn_hidden_size": int(need("intermediate_size")),
-        "num_attention_heads": heads,
-        "num_query_groups": int(cfg.get("num_key_value_heads") or heads),
-        "kv_channels": int(cfg.get("head_dim") or hidden // heads),
-        "vocab_size": int(need("vocab_size")),
-        "normalization": "RMSNorm",
-        "norm_epsilon": float(cfg.get("rms_norm_eps", 1e-6)),
-        "gated_linear_unit": True,
-        "position_embedding_type": "rope",
-        "share_embeddings_and_output_weights": bool(cfg.get("tie_word_embeddings", False)),
-        "add_bias_linear": False,
-        "add_qkv_bias": bool(row.get("qkv_bias", False)),
-        "qk_layernorm": bool(row.get("qk_norm", False)),
-        "attention_dropout": float(cfg.get("attention_dropout", 0.0) or 0.0),
-    }
-    act = cfg.get("hidden_act", "silu")
+    m = _Model()
+    hidden, heads = c.integer("hidden_size"), c.integer("num_attention_heads")
+    head_dim = c.integer("head_dim", None)
+    if hidden % heads and head_dim is None:
+        raise fail("num_attention_heads", f"hidden_size {hidden} is not divisible by {heads} heads",
+                   hint="config.json needs head_dim when the heads do not divide hidden_size")
+    m.put("architecture", row["architecture"])
+    m.put("num_layers", c.integer("num_hidden_layers"), "num_hidden_layers")
+    m.put("hidden_size", hidden, "hidden_size")
+    m.put("ffn_hidden_size", c.integer("intermediate_size"), "intermediate_size")
+    m.put("num_attention_heads", heads, "num_attention_heads")
+    m.put("num_query_groups", c.integer("num_key_value_heads", heads), "num_key_value_heads")
+    m.put("kv_channels", head_dim or hidden // heads, "head_dim" if head_dim else "hidden_size")
+    m.put("vocab_size", c.integer("vocab_size"), "vocab_size")
+    m.put("normalization", "RMSNorm")
+    m.put("norm_epsilon", c.number("rms_norm_eps", 1e-6), "rms_norm_eps")
+    m.put("gated_linear_unit", True)
+    m.put("position_embedding_type", "rope")
+    m.put("share_embeddings_and_output_weights", c.flag("tie_word_embeddings"), "tie_word_embeddings")
+    m.put("add_bias_linear", False)
+    m.put("add_qkv_bias", bool(row.get("qkv_bias", False)))
+    m.put("qk_layernorm", bool(row.get("qk_norm", False)))
+    m.put("attention_dropout", c.number("attention_dropout", 0.0), "attention_dropout")
+    act = c.text("hidden_act", "silu")
     if act not in _ACTIVATIONS:
-        raise _fail("hidden_act", f"hidden_act {act!r} has no recipec equivalent",
-                    hint=f"model.activation allows {sorted(set(_ACTIVATIONS.values()))}")
-    m["activation"] = _ACTIVATIONS[act]
-    if hidden % heads and not cfg.get("head_dim"):
-        raise _fail("num_attention_heads", f"hidden_size {hidden} is not divisible by {heads} heads")
-    if cfg.get("max_position_embeddings"):
-        m["max_position_embeddings"] = int(cfg["max_position_embeddings"])
-    partial = cfg.get("partial_rotary_factor")
-    if partial is not None and float(partial) != 1.0:
-        m["rotary_percent"] = float(partial)
+        raise fail("hidden_act", f"hidden_act {shown(repr(act))} has no recipec equivalent",
+                   hint=f"model.activation allows {sorted(set(_ACTIVATIONS.values()))}")
+    m.put("activation", _ACTIVATIONS[act], "hidden_act")
+    if c.has("max_position_embeddings"):
+        m.put("max_position_embeddings", c.integer("max_position_embeddings"), "max_position_embeddings")
+    partial = c.number("partial_rotary_factor", None)
+    if partial is not None and partial != 1.0:
+        m.put("rotary_percent", partial, "partial_rotary_factor")
+    _refuse_unmappable(c, model_type, row)
+    _map_rope(c, m)
+    if row.get("moe"):
+        _map_moe(c, m, model_type)
+    _check_schema(m)
+    return m, row
 
-    # Attention biases: Qwen2 has q/k/v bias (add_qkv_bias); Llama/Mistral/Qwen3 `attention_bias`
-    # also biases o_proj, and `mlp_bias` the MLP, which Megatron has no switch for on its own.
-    if cfg.get("attention_bias") and not row.get("qkv_bias"):
-        raise _fail("attention_bias", "attention_bias = true (q/k/v/o biases) cannot be expressed: Megatron has "
-                    "add_qkv_bias (q/k/v only) and add_bias_linear (every linear layer, MLP included)")
-    if cfg.get("mlp_bias"):
-        raise _fail("mlp_bias", "mlp_bias = true (MLP-only biases) cannot be expressed in recipec")
 
-    # Sliding-window attention.
-    window = cfg.get("sliding_window")
+def _refuse_unmappable(c: HFConfig, model_type: str, row: dict[str, Any]) -> None:
+    """Biases and sliding windows Megatron cannot reproduce: an error, never a silent change of model."""
+    # Qwen2 has q/k/v bias (add_qkv_bias); Llama/Mistral/Qwen3 `attention_bias` also biases o_proj,
+    # and `mlp_bias` the MLP, which Megatron has no switch for on its own.
+    if c.flag("attention_bias") and not row.get("qkv_bias"):
+        raise fail("attention_bias", "attention_bias = true (q/k/v/o biases) cannot be expressed: Megatron has "
+                   "add_qkv_bias (q/k/v only) and add_bias_linear (every linear layer, MLP included)")
+    if c.flag("mlp_bias"):
+        raise fail("mlp_bias", "mlp_bias = true (MLP-only biases) cannot be expressed in recipec")
+    window = c.integer("sliding_window", None, min=0)
     if model_type in ("qwen2", "qwen3", "qwen3_moe"):
-        enabled = bool(cfg.get("use_sliding_window")) and window is not None
-        field = "use_sliding_window"
+        enabled, field = c.flag("use_sliding_window") and window is not None, "use_sliding_window"
     else:
         enabled, field = window is not None, "sliding_window"
     if enabled:
-        raise _fail(field, f"sliding-window attention ({field} = {cfg.get(field)!r}, window {window}) "
-                    "cannot be expressed: recipec has no sliding-window field", hint="set it to null/false "
-                    "only if the model was trained without a window")
-    layer_types = cfg.get("layer_types")
+        raise fail(field, f"sliding-window attention ({field} = {shown(repr(c.data.get(field)))}, window {window}) "
+                   "cannot be expressed: recipec has no sliding-window field", hint="set it to null/false "
+                   "only if the model was trained without a window")
+    layer_types = c.texts("layer_types")
     if layer_types and any(t != "full_attention" for t in layer_types):
-        raise _fail("layer_types", f"layer_types {sorted(set(layer_types))} include non-full attention")
+        raise fail("layer_types", f"layer_types {shown(repr(sorted(set(layer_types))))} include non-full attention")
 
-    # RoPE.
-    theta, scaling, rope_field = _rope(cfg)
-    m["rotary_base"] = theta
-    if scaling:
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind == "llama3":
-            for key, want in _LLAMA3_FIXED.items():
-                if key in scaling and float(scaling[key]) != want:
-                    raise _fail(f"{rope_field}.{key}", f"llama3 RoPE scaling with {key} = {scaling[key]} "
-                                f"(Megatron-Core fixes it at {want})")
-            orig = int(scaling.get("original_max_position_embeddings", 8192))
-            if orig != 8192:
-                raise _fail(f"{rope_field}.original_max_position_embeddings",
-                            f"llama3 RoPE scaling with original_max_position_embeddings = {orig} "
-                            "(Megatron-Core fixes it at 8192)")
-            m.update(rope_scaling="llama3", rope_scaling_factor=float(scaling["factor"]),
-                     rope_original_max_position_embeddings=orig)
-        elif kind == "linear":
-            m.update(rope_scaling="linear", rope_scaling_factor=float(scaling["factor"]))
-        else:
-            raise _fail(f"{rope_field}.rope_type", f"RoPE scaling type {kind!r} is not supported by the recipec "
-                        "runtime", hint="supported: llama3, linear")
 
-    if row.get("moe"):
-        experts = cfg.get("num_local_experts") or cfg.get("num_experts")
-        if not experts:
-            raise _fail("num_local_experts", "an MoE config without num_local_experts/num_experts")
-        m.update(num_moe_experts=int(experts), moe_router_topk=int(need("num_experts_per_tok")),
-                 moe_aux_loss_coeff=float(cfg.get("router_aux_loss_coef", 0.001)),
-                 moe_router_load_balancing_type="aux_loss")
-        if model_type == "qwen3_moe":
-            m["moe_ffn_hidden_size"] = int(need("moe_intermediate_size"))
-            if not cfg.get("norm_topk_prob", False):
-                raise _fail("norm_topk_prob", "norm_topk_prob = false (top-k router probabilities not "
-                            "renormalized) cannot be expressed: recipec's router renormalizes")
-            if cfg.get("mlp_only_layers"):
-                raise _fail("mlp_only_layers", "dense layers mixed into an MoE model (mlp_only_layers) "
-                            "cannot be expressed")
-            if int(cfg.get("decoder_sparse_step", 1)) != 1:
-                raise _fail("decoder_sparse_step", "decoder_sparse_step != 1 (not every layer MoE) "
-                            "cannot be expressed")
-        else:
-            m["moe_ffn_hidden_size"] = m["ffn_hidden_size"]
-        if float(cfg.get("router_jitter_noise", 0.0) or 0.0) != 0.0:
-            raise _fail("router_jitter_noise", "router_jitter_noise cannot be expressed in recipec")
-        if cfg.get("shared_expert_intermediate_size"):
-            raise _fail("shared_expert_intermediate_size", "shared experts are not mapped for this architecture")
-    return m, row
+def _map_rope(c: HFConfig, m: _Model) -> None:
+    theta, scaling, theta_field = _rope(c)
+    m.put("rotary_base", theta, theta_field)
+    if scaling is None:
+        return
+    where = scaling.prefix
+    kind = scaling.text("rope_type", scaling.text("type", None))
+    if kind == "llama3":
+        for key, want in _LLAMA3_FIXED.items():
+            value = scaling.number(key, want)
+            if value != want:
+                raise fail(f"{where}{key}", f"llama3 RoPE scaling with {key} = {value} (Megatron-Core fixes it at {want})")
+        orig = scaling.integer("original_max_position_embeddings", 8192)
+        if orig != 8192:
+            raise fail(f"{where}original_max_position_embeddings", f"llama3 RoPE scaling with "
+                       f"original_max_position_embeddings = {orig} (Megatron-Core fixes it at 8192)")
+        m.put("rope_scaling", "llama3", f"{where}rope_type")
+        m.put("rope_scaling_factor", scaling.number("factor"), f"{where}factor")
+        m.put("rope_original_max_position_embeddings", orig, f"{where}original_max_position_embeddings")
+    elif kind == "linear":
+        m.put("rope_scaling", "linear", f"{where}rope_type")
+        m.put("rope_scaling_factor", scaling.number("factor"), f"{where}factor")
+    else:
+        raise fail(f"{where}rope_type", f"RoPE scaling type {shown(repr(kind))} is not supported by the recipec "
+                   "runtime", hint="supported: llama3, linear")
+
+
+def _map_moe(c: HFConfig, m: _Model, model_type: str) -> None:
+    experts_field = "num_local_experts" if c.has("num_local_experts") else "num_experts"
+    experts = c.integer(experts_field, None)
+    if not experts:
+        raise fail("num_local_experts", "an MoE config without num_local_experts/num_experts")
+    m.put("num_moe_experts", experts, experts_field)
+    m.put("moe_router_topk", c.integer("num_experts_per_tok"), "num_experts_per_tok")
+    m.put("moe_aux_loss_coeff", c.number("router_aux_loss_coef", 0.001), "router_aux_loss_coef")
+    m.put("moe_router_load_balancing_type", "aux_loss")
+    if model_type == "qwen3_moe":
+        m.put("moe_ffn_hidden_size", c.integer("moe_intermediate_size"), "moe_intermediate_size")
+        if not c.flag("norm_topk_prob"):
+            raise fail("norm_topk_prob", "norm_topk_prob = false (top-k router probabilities not "
+                       "renormalized) cannot be expressed: recipec's router renormalizes")
+        if c.array("mlp_only_layers"):
+            raise fail("mlp_only_layers", "dense layers mixed into an MoE model (mlp_only_layers) cannot be expressed")
+        if c.integer("decoder_sparse_step", 1) != 1:
+            raise fail("decoder_sparse_step", "decoder_sparse_step != 1 (not every layer MoE) cannot be expressed")
+    else:
+        m.put("moe_ffn_hidden_size", m["ffn_hidden_size"], "intermediate_size")
+    if c.number("router_jitter_noise", 0.0) != 0.0:
+        raise fail("router_jitter_noise", "router_jitter_noise cannot be expressed in recipec")
+    if c.integer("shared_expert_intermediate_size", 0, min=0):
+        raise fail("shared_expert_intermediate_size", "shared experts are not mapped for this architecture")
+
+
+def _check_schema(m: _Model) -> None:
+    """Each mapped value against the schema's own types and bounds, naming the config.json field."""
+    fields = {f.name: f for f in ModelConfig.__attrs_attrs__}
+    for key, value in m.items():
+        problem = check_value(fields[key], value)
+        if problem is not None:
+            field = m.fields.get(key, key)
+            raise fail(field, f"{field} gives model.{key}, which {problem}")
 
 
 def _family_base(model_type: str, m: dict[str, Any]) -> str:
@@ -209,35 +229,52 @@ def tokenizer_files(directory: Path) -> list[str]:
 def recipe_from_hf(path: str | Path, *, base: str = "pretrain", name: str | None = None) -> str:
     """TOML recipe text for the HF model at `path` (a directory or its config.json)."""
     if base not in ("pretrain", "finetune"):
-        raise HFImportError(f"unknown base {base!r}; use pretrain or finetune")
+        raise HFImportError(f"unknown base {shown(repr(base))}; use pretrain or finetune")
     cfg, directory = read_hf_config(path)
-    m, row = model_fields(cfg)
-    family = _family_base(cfg["model_type"], m)
+    m, _row = _map(cfg)
+    fields, sources = dict(m), dict(m.fields)
+    model_type = cfg["model_type"]
+    architectures = HFConfig(cfg).texts("architectures")
+    if architectures is not None and (not architectures or not all(architectures)):
+        raise fail("architectures", f"architectures must name the model class, got {shown(repr(architectures))}")
+    family = _family_base(model_type, fields)
     directory = directory.resolve()
     toks = tokenizer_files(directory)
-    if base == "pretrain":
-        extends = ["_base/pretrain", family]
-    else:  # the finetune base goes after the model (see _base/finetune.toml)
-        extends = [family, "_base/finetune"]
-    seq = min(4096, m.get("max_position_embeddings", 4096))
-    lines = [
-        f"# Imported by `recipec import-hf` from {directory / 'config.json'}",
-        f"# (model_type {cfg['model_type']!r}, {cfg.get('architectures', ['?'])[0]}).",
-        "# Every [model] field below comes from that config.json; the rest from the bases.",
-        f"extends = [{', '.join(toml_value(e) for e in extends)}]",
-    ]
-    if name:
-        lines.append(f"name = {toml_value(name)}")
-    lines += ["", "[model]"]
-    m.setdefault("seq_length", seq)
-    for key, value in m.items():
-        lines.append(f"{key} = {toml_value(value)}")
+    # the finetune base goes after the model (see _base/finetune.toml)
+    extends = ["_base/pretrain", family] if base == "pretrain" else [family, "_base/finetune"]
+    fields.setdefault("seq_length", min(4096, fields.get("max_position_embeddings", 4096)))
+    sources.setdefault("seq_length", "max_position_embeddings")
+    doc: dict[str, Any] = {"extends": extends, **({"name": name} if name else {}), "model": fields}
     if toks:
-        lines += ["", f"# tokenizer files found: {', '.join(toks)}", "[tokenizer]",
-                  'type = "huggingface"', f"path = {toml_value(str(directory))}"]
+        doc["tokenizer"] = {"type": "huggingface", "path": str(directory)}
     if base == "finetune":
-        lines += ["", "[checkpoint]", f"pretrained = {toml_value(str(directory))}"]
-    return "\n".join(lines) + "\n"
+        doc["checkpoint"] = {"pretrained": str(directory)}
+    header = [f"Imported by `recipec import-hf` from {shown(str(directory / 'config.json'))}",
+              f"(model_type {model_type!r}, {shown((architectures or ['?'])[0], 80)}).",
+              "Every [model] field below comes from that config.json; the rest from the bases."]
+    text = toml_document(doc, header, {"tokenizer": [f"tokenizer files found: {', '.join(toks)}"]})
+    _check_compiles(text, sources)
+    return text
+
+
+def _check_compiles(text: str, sources: dict[str, str]) -> None:
+    """Compile the generated recipe as `recipec build` will; its errors become HFImportErrors naming
+    the config.json field each [model] key came from."""
+    from .api import build
+
+    with tempfile.TemporaryDirectory(prefix="recipec-import-") as tmp:
+        recipe = Path(tmp) / "imported.toml"
+        recipe.write_text(text, encoding="utf-8")
+        try:
+            build(recipe, artifact_dir=str(Path(tmp) / "build"))
+        except RecipeError as exc:
+            problems = []
+            for p in exc.problems:
+                key = p.key or ""
+                field = sources.get(key.removeprefix("model."), "") if key.startswith("model.") else ""
+                problems.append(Problem(HFImportError, f"the imported recipe does not compile: [{key}] {p.message}",
+                                        key=f"config.json:{field}" if field else (key or None), hint=p.hint))
+            raise HFImportError(problems) from None
 
 
 def hf_config(model: Any, *, dtype: str = "float32") -> dict[str, Any]:

@@ -9,7 +9,6 @@ Values parse as TOML values; a bare word that is not TOML is a string.
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -19,20 +18,27 @@ from .errors import OverrideError, Problem, RecipeError, did_you_mean
 from .loader import load
 from .sources import Source
 from .structure import field_of
+from .text import shown
+from .toml_read import MAX_NESTING, TomlReadError, loads, too_deep
 from .tree import Path, Tree, set_leaf, unset
 
-_OVERRIDE = re.compile(r"^(?P<op>[+~]?)(?P<key>[A-Za-z_][A-Za-z0-9_\-]*(?:\.[A-Za-z0-9_\-]+)*)(?:=(?P<value>.*))?$", re.S)
+_OVERRIDE = re.compile(r"^(?P<op>[+~]?)(?P<key>[A-Za-z_][A-Za-z0-9_\-]*(?:\.[A-Za-z0-9_\-]+)*)(?:=(?P<value>.*))?$", re.DOTALL)
 _BARE = re.compile(r"^[A-Za-z0-9_\-./:@,%]+$")
 
 
 def parse_value(text: str) -> Any:
-    """A TOML value, or the text itself when it is a bare word such as `foo` or `a/b.txt`."""
+    """A TOML value, or the text itself when it is a bare word such as `foo` or `a/b.txt`.
+    Raises TomlReadError for anything else, including text that is more than one value
+    (`1\nother = 2` must not smuggle in a second key)."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+        parsed = loads(f"v = {text}")
+    except TomlReadError:
         if _BARE.match(text):
             return text
         raise
+    if set(parsed) != {"v"}:
+        raise TomlReadError("more than one value (a newline followed by another key or table)")
+    return parsed["v"]
 
 
 def apply_overlays(tree: Tree, files: Iterable[str]) -> Tree:
@@ -48,11 +54,14 @@ def apply_strings(tree: Tree, overrides: Iterable[str], *, kind: str = "cli") ->
         source = Source(kind, detail=text)  # type: ignore[arg-type]
         match = _OVERRIDE.match(text.strip())
         if not match:
-            problems.append(Problem(OverrideError, f"cannot read override {text!r}", source=source,
+            problems.append(Problem(OverrideError, f"cannot read override {shown(repr(text))}", source=source,
                                     hint="write key=value (train.train_iters=100), +key=value or ~key"))
             continue
         op, key, raw = match.group("op"), match.group("key"), match.group("value")
         path: Path = tuple(key.split("."))
+        if len(path) > MAX_NESTING:
+            problems.append(_too_deep(key, source))
+            continue
         if op == "~":
             if raw is not None:
                 problems.append(Problem(OverrideError, f"`~{key}` unsets a key and takes no value", key=key, source=source,
@@ -69,9 +78,9 @@ def apply_strings(tree: Tree, overrides: Iterable[str], *, kind: str = "cli") ->
             continue
         try:
             value = parse_value(raw)
-        except tomllib.TOMLDecodeError as exc:
-            problems.append(Problem(OverrideError, f"value {raw!r} is not a TOML value ({exc})", key=key, source=source,
-                                    hint='quote strings with spaces: key="a b"; lists: key=["a","b"]'))
+        except TomlReadError as exc:
+            problems.append(Problem(OverrideError, f"value {shown(repr(raw))} is not a TOML value ({exc})", key=key,
+                                    source=source, hint='quote strings with spaces: key="a b"; lists: key=["a","b"]'))
             continue
         free_entry = _is_free_table_entry(path)
         if op != "+" and not tree.has(path) and free_entry:
@@ -86,11 +95,16 @@ def apply_strings(tree: Tree, overrides: Iterable[str], *, kind: str = "cli") ->
     return tree
 
 
+def _too_deep(key: str, source: Source) -> Problem:
+    return Problem(OverrideError, f"key has {key.count('.') + 1} parts; recipe keys are at most {MAX_NESTING} deep",
+                   key=key, source=source, hint="`recipec schema` lists every key")
+
+
 def _unknown_key(key: str, source: Source, op: str) -> Problem:
     from .structure import all_leaf_paths
 
     known = [".".join(p) for p in all_leaf_paths()]
-    hint = did_you_mean(key, known)
+    hint = did_you_mean(key[:200], known)
     hint = f"{hint[:-1]} (write {op}{hint.split('`')[1]})?" if hint else "`recipec schema` lists every key"
     return Problem(OverrideError, f"`{key}` is not a key of the schema or of this recipe", key=key, source=source,
                    hint=hint)
@@ -114,6 +128,9 @@ def apply_python(tree: Tree, changes: Mapping[str, Any]) -> Tree:
     for key, value in changes.items():
         path: Path = tuple(key.split("."))
         source = Source("python", detail=key)
+        deep = too_deep(value, MAX_NESTING - len(path))
+        if len(path) > MAX_NESTING or deep is not None:
+            raise RecipeError.of([_too_deep(".".join((*path, *(deep or ()))), source)])
         if attrs.has(type(value)):
             table = {k: v for k, v in _asdict(value).items() if v is not None}
             tree = unset(tree, path)

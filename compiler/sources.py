@@ -12,6 +12,8 @@ from typing import Literal
 
 import attrs
 
+from .text import shown
+
 SourceKind = Literal["default", "file", "overlay", "cli", "python", "derived"]
 
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +45,8 @@ class Source:
     detail: str | None = None
 
     def __str__(self) -> str:
-        where = self.file or ""
+        """On one line and clipped: a file name or an override string is user text."""
+        where = shown(self.file or "")
         if self.line is not None:
             where = f"{where}:{self.line}"
         if self.kind == "file":
@@ -51,11 +54,11 @@ class Source:
         if self.kind == "overlay":
             return f"overlay {where}"
         if self.kind == "cli":
-            return f"CLI '{self.detail}'"
+            return f"CLI '{shown(self.detail or '')}'"
         if self.kind == "python":
-            return f"Python ({self.detail})" if self.detail else "Python"
+            return f"Python ({shown(self.detail)})" if self.detail else "Python"
         if self.kind == "derived":
-            return f"derived: {self.detail}"
+            return f"derived: {shown(self.detail or '')}"
         return "default"
 
 

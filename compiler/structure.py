@@ -8,34 +8,39 @@ a recipe are collected before anything is raised.
 
 from __future__ import annotations
 
+import functools
 import math
-import tomllib
+import re
 from typing import Any
 
 import attrs
 
-from .errors import Problem, TypeMismatchError, UnknownKeyError, did_you_mean
+from .errors import MAX_SHOWN, Problem, TypeMismatchError, UnknownKeyError, did_you_mean
 from .schema import RecipeConfig
 from .schema._fields import check_value, is_free_table
+from .toml_read import TomlReadError, loads
 from .tree import Path, Tree, dotted
 
 TOP_LEVEL_ONLY = ("name", "description")
 INT64 = (-(2**63), 2**63 - 1)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def representable(value: Any) -> str | None:
-    """Why a TOML value cannot be compiled at all (TOML 1.0: ints are 64-bit; the artifact
-    is JSON, which has no inf/nan), or None."""
+    """Why a value cannot be compiled at all (TOML 1.0: ints are 64-bit; the artifact is JSON,
+    which has no inf/nan; text must be Unicode that UTF-8 and TOML can write), or None."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int) and not INT64[0] <= value <= INT64[1]:
         return f"integer {value} does not fit in 64 bits (TOML integers are 64-bit)"
     if isinstance(value, float) and not math.isfinite(value):
         return f"{value!r} is not a finite number"
+    if isinstance(value, str) and _SURROGATE.search(value):
+        return f"{value!r} is not valid Unicode text (it holds a lone surrogate, e.g. from bytes that are not UTF-8)"
     if isinstance(value, (list, tuple)):
         return next((r for r in map(representable, value) if r), None)
     if isinstance(value, dict):
-        return next((r for r in map(representable, value.values()) if r), None)
+        return next((r for r in map(representable, [*value, *value.values()]) if r), None)
     return None
 
 
@@ -63,10 +68,15 @@ def field_of(path: Path) -> attrs.Attribute | None:
 
 def all_leaf_paths() -> list[Path]:
     """Every settable schema key, for hints and `recipec schema`."""
+    return list(_leaf_paths())
+
+
+@functools.cache
+def _leaf_paths() -> tuple[Path, ...]:
     paths: list[Path] = [(name,) for name in TOP_LEVEL_ONLY]
     for section, cls in section_classes().items():
         paths += [(section, f.name) for f in attrs.fields(cls)]
-    return paths
+    return tuple(paths)
 
 
 def structure(tree: Tree) -> tuple[RecipeConfig | None, list[Problem]]:
@@ -94,7 +104,7 @@ def structure(tree: Tree) -> tuple[RecipeConfig | None, list[Problem]]:
             else:
                 kwargs[key] = value
         else:
-            problems.append(_unknown(tree, path, list(sections) + list(TOP_LEVEL_ONLY)))
+            problems.append(_unknown(tree, path, list(sections) + list(TOP_LEVEL_ONLY), len(problems) < MAX_SHOWN))
     if problems:
         return None, problems
     return RecipeConfig(**kwargs), []
@@ -108,7 +118,7 @@ def _structure_section(tree: Tree, name: str, cls: type, data: dict[str, Any]) -
         path = (name, key)
         attribute = fields.get(key)
         if attribute is None:
-            problems.append(_unknown(tree, path, list(fields)))
+            problems.append(_unknown(tree, path, list(fields), len(problems) < MAX_SHOWN))
             continue
         problem = representable(value)
         if problem:
@@ -126,6 +136,10 @@ def _structure_section(tree: Tree, name: str, cls: type, data: dict[str, Any]) -
 
 def _type_hint(attribute: attrs.Attribute, value: Any = None) -> str | None:
     choices = attribute.metadata.get("choices")
+    limit = attribute.metadata.get("max")
+    if limit is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value > limit:
+        return (f"the limit {limit:,} is far above any real model or run; a value past it is almost always "
+                "a typo: an extra digit, or 1e308 for 1e-3")
     if choices:
         return "allowed: " + ", ".join(f'"{c}"' if isinstance(c, str) else repr(c) for c in choices)
     if is_free_table(attribute.type) and isinstance(value, dict):
@@ -142,8 +156,8 @@ def _type_hint(attribute: attrs.Attribute, value: Any = None) -> str | None:
 
 def _toml_literal(text: str) -> Any:
     try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+        return loads(f"v = {text}").get("v", text)
+    except TomlReadError:
         return text
 
 
@@ -151,10 +165,14 @@ def _problem(kind: type, tree: Tree, path: Path, message: str, hint: str | None 
     return Problem(kind, message, key=dotted(path), source=tree.source(path), hint=hint)
 
 
-def _unknown(tree: Tree, path: Path, siblings: list[str]) -> Problem:
+def _unknown(tree: Tree, path: Path, siblings: list[str], hinted: bool = True) -> Problem:
+    """An unknown key with a hint; past the problems a message shows (`hinted` false: a generated
+    recipe with 100k unknown keys) the hint is left out, as the fuzzy match is the slow part."""
     key = path[-1]
     where = f"[{path[0]}]" if len(path) > 1 else "the top level"
-    hint = did_you_mean(key, siblings)
+    if not hinted:
+        return Problem(UnknownKeyError, f"unknown key `{key}` in {where}", key=dotted(path), source=tree.source(path))
+    hint = did_you_mean(key[:200], siblings)
     homes = [p for p in all_leaf_paths() if p[-1] == key and p != path]
     if len(path) > 1 and key in section_classes():
         hint = f"[{key}] is a section of its own: write [{key}], not [{dotted(path)}]"

@@ -94,20 +94,32 @@ def _merge_into(
             replace = value.get(REPLACE_KEY) is True
             body = {k: v for k, v in value.items() if k != REPLACE_KEY}
             if replace or not isinstance(dst.get(key), dict):
-                _drop_chains(chains, path)
+                _drop_chains(chains, path, dst.get(key))
                 dst[key] = {}
             _merge_into(dst[key], body, path, chains, src_chains)
             if not body:
                 chains[path] = chains.get(path, ()) + src_chains.get(path, ())
         else:
-            _drop_chains(chains, path, keep_self=True)
+            _drop_chains(chains, path, dst.get(key), keep_self=True)
             dst[key] = value
             chains[path] = chains.get(path, ()) + src_chains.get(path, ())
 
 
-def _drop_chains(chains: dict[Path, tuple[Source, ...]], path: Path, keep_self: bool = False) -> None:
-    for other in [p for p in chains if p[: len(path)] == path and (p != path or not keep_self)]:
-        del chains[other]
+def _drop_chains(chains: dict[Path, tuple[Source, ...]], path: Path, old: Any, keep_self: bool = False) -> None:
+    """Forget the provenance of `path` and of everything below it, found by walking the value being
+    replaced (`old`): chains only ever hold paths of the tree, so this costs the size of that
+    subtree, not of the whole recipe, and merging stays linear in the number of keys."""
+    if not keep_self:
+        chains.pop(path, None)
+    if isinstance(old, dict):
+        stack = [(path, old)]
+        while stack:
+            prefix, node = stack.pop()
+            for key, value in node.items():
+                below = prefix + (key,)
+                chains.pop(below, None)
+                if isinstance(value, dict):
+                    stack.append((below, value))
 
 
 def _copy(data: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import attrs
 
 from .errors import Problem, ValidationError
 from .schema import RecipeConfig
+from .text import shown
 from .tree import Tree
 
 Finding = tuple[str, str, str | None]  # (dotted key, message, hint)
@@ -39,15 +40,15 @@ def layout(c: RecipeConfig) -> Iterator[Finding]:
     mp = p.model_parallel_size
     if world_size(c) % mp:
         yield ("parallel.tensor_model_parallel_size",
-               f"{_world(c)} is not divisible by tensor {p.tensor_model_parallel_size} x pipeline "
-               f"{p.pipeline_model_parallel_size} x context {p.context_parallel_size} = {mp}",
+               (f"{_world(c)} is not divisible by tensor {p.tensor_model_parallel_size} x pipeline "
+               f"{p.pipeline_model_parallel_size} x context {p.context_parallel_size} = {mp}"),
                f"use a world size that is a multiple of {mp}, or shrink the model-parallel layout")
     etp = p.expert_tensor_parallel_size or p.tensor_model_parallel_size
     expert_mp = etp * p.expert_model_parallel_size * p.pipeline_model_parallel_size
     if (c.model.is_moe or p.expert_model_parallel_size > 1) and not world_size(c) % mp and world_size(c) % expert_mp:
         yield ("parallel.expert_model_parallel_size",
-               f"{_world(c)} is not divisible by expert_tensor {etp} x expert {p.expert_model_parallel_size} "
-               f"x pipeline {p.pipeline_model_parallel_size} = {expert_mp}", None)
+               (f"{_world(c)} is not divisible by expert_tensor {etp} x expert {p.expert_model_parallel_size} "
+               f"x pipeline {p.pipeline_model_parallel_size} = {expert_mp}"), None)
     if p.sequence_parallel and p.tensor_model_parallel_size == 1:
         yield ("parallel.sequence_parallel", "sequence_parallel needs tensor_model_parallel_size > 1 (it is 1)",
                "set parallel.sequence_parallel=false or raise tensor_model_parallel_size")
@@ -56,18 +57,18 @@ def layout(c: RecipeConfig) -> Iterator[Finding]:
 def heads(c: RecipeConfig) -> Iterator[Finding]:
     m, tp = c.model, c.parallel.tensor_model_parallel_size
     if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
-        yield ("model.hidden_size", f"hidden_size {m.hidden_size} is not divisible by num_attention_heads "
-               f"{m.num_attention_heads}, so kv_channels cannot be derived", "set model.kv_channels explicitly")
+        yield ("model.hidden_size", (f"hidden_size {m.hidden_size} is not divisible by num_attention_heads "
+               f"{m.num_attention_heads}, so kv_channels cannot be derived"), "set model.kv_channels explicitly")
     groups = m.num_query_groups or m.num_attention_heads
     if m.num_attention_heads % groups:
-        yield ("model.num_query_groups", f"num_attention_heads {m.num_attention_heads} is not divisible by "
-               f"num_query_groups {groups}", None)
+        yield ("model.num_query_groups", (f"num_attention_heads {m.num_attention_heads} is not divisible by "
+               f"num_query_groups {groups}"), None)
     if m.num_attention_heads % tp:
-        yield ("model.num_attention_heads", f"num_attention_heads {m.num_attention_heads} is not divisible by "
-               f"tensor_model_parallel_size {tp}", None)
+        yield ("model.num_attention_heads", (f"num_attention_heads {m.num_attention_heads} is not divisible by "
+               f"tensor_model_parallel_size {tp}"), None)
     if groups % tp:
-        yield ("model.num_query_groups", f"num_query_groups {groups} is not divisible by "
-               f"tensor_model_parallel_size {tp}", f"use tensor_model_parallel_size <= {groups} that divides it")
+        yield ("model.num_query_groups", (f"num_query_groups {groups} is not divisible by "
+               f"tensor_model_parallel_size {tp}"), f"use tensor_model_parallel_size <= {groups} that divides it")
 
 
 def layers(c: RecipeConfig) -> Iterator[Finding]:
@@ -89,11 +90,11 @@ def sequence(c: RecipeConfig) -> Iterator[Finding]:
     m, p = c.model, c.parallel
     cp, tp = p.context_parallel_size, p.tensor_model_parallel_size
     if cp > 1 and m.seq_length % (2 * cp):
-        yield ("model.seq_length", f"seq_length {m.seq_length} is not divisible by 2 x context {cp} = {2 * cp} "
-               "(context parallelism splits each sequence into 2 x CP load-balanced chunks)", None)
+        yield ("model.seq_length", (f"seq_length {m.seq_length} is not divisible by 2 x context {cp} = {2 * cp} "
+               "(context parallelism splits each sequence into 2 x CP load-balanced chunks)"), None)
     if p.sequence_parallel and (m.seq_length // cp) % tp:
-        yield ("model.seq_length", f"seq_length {m.seq_length} / context {cp} is not divisible by tensor {tp} "
-               "(sequence parallel splits the sequence over TP ranks)", None)
+        yield ("model.seq_length", (f"seq_length {m.seq_length} / context {cp} is not divisible by tensor {tp} "
+               "(sequence parallel splits the sequence over TP ranks)"), None)
 
 
 def batches(c: RecipeConfig) -> Iterator[Finding]:
@@ -103,17 +104,17 @@ def batches(c: RecipeConfig) -> Iterator[Finding]:
     dp = world_size(c) // mp
     if t.global_batch_size % (t.micro_batch_size * dp):
         yield ("train.global_batch_size",
-               f"global_batch_size {t.global_batch_size} is not divisible by micro_batch_size "
-               f"{t.micro_batch_size} x data-parallel {dp} = {t.micro_batch_size * dp}",
+               (f"global_batch_size {t.global_batch_size} is not divisible by micro_batch_size "
+               f"{t.micro_batch_size} x data-parallel {dp} = {t.micro_batch_size * dp}"),
                f"use a multiple of {t.micro_batch_size * dp}")
         return
     vpp = c.parallel.virtual_pipeline_model_parallel_size
     microbatches = t.global_batch_size // (t.micro_batch_size * dp)
     pp = c.parallel.pipeline_model_parallel_size
     if vpp and pp > 1 and microbatches % pp:
-        yield ("train.global_batch_size", f"the interleaved schedule needs microbatches {microbatches} "
+        yield ("train.global_batch_size", (f"the interleaved schedule needs microbatches {microbatches} "
                f"(global {t.global_batch_size} / (micro {t.micro_batch_size} x DP {dp})) to be a multiple of "
-               f"pipeline {pp}", None)
+               f"pipeline {pp}"), None)
 
 
 def experts(c: RecipeConfig) -> Iterator[Finding]:
@@ -121,23 +122,23 @@ def experts(c: RecipeConfig) -> Iterator[Finding]:
     ep = p.expert_model_parallel_size
     if not m.is_moe:
         if ep > 1:
-            yield ("parallel.expert_model_parallel_size", f"expert_model_parallel_size {ep} needs an MoE model "
-                   "(model.num_moe_experts is unset)", None)
+            yield ("parallel.expert_model_parallel_size", (f"expert_model_parallel_size {ep} needs an MoE model "
+                   "(model.num_moe_experts is unset)"), None)
         return
     assert m.num_moe_experts is not None
     if m.num_moe_experts % ep:
-        yield ("model.num_moe_experts", f"num_moe_experts {m.num_moe_experts} is not divisible by "
-               f"expert_model_parallel_size {ep}", None)
+        yield ("model.num_moe_experts", (f"num_moe_experts {m.num_moe_experts} is not divisible by "
+               f"expert_model_parallel_size {ep}"), None)
     if m.moe_router_topk > m.num_moe_experts:
-        yield ("model.moe_router_topk", f"moe_router_topk {m.moe_router_topk} exceeds num_moe_experts "
-               f"{m.num_moe_experts}", None)
+        yield ("model.moe_router_topk", (f"moe_router_topk {m.moe_router_topk} exceeds num_moe_experts "
+               f"{m.num_moe_experts}"), None)
     if ep > 1 and m.moe_token_dispatcher_type == "alltoall" and c.launch.accelerator == "cpu":
-        yield ("model.moe_token_dispatcher_type", "the alltoall token dispatcher needs NCCL; on CPU (gloo) "
-               f"expert parallelism ({ep}) works with the allgather dispatcher",
+        yield ("model.moe_token_dispatcher_type", ("the alltoall token dispatcher needs NCCL; on CPU (gloo) "
+               f"expert parallelism ({ep}) works with the allgather dispatcher"),
                'set model.moe_token_dispatcher_type="allgather"')
     if p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
-        yield ("parallel.sequence_parallel", "MoE with tensor parallelism needs sequence_parallel = true "
-               "(Megatron-Core's token dispatcher requires it)", "set parallel.sequence_parallel=true")
+        yield ("parallel.sequence_parallel", ("MoE with tensor parallelism needs sequence_parallel = true "
+               "(Megatron-Core's token dispatcher requires it)"), "set parallel.sequence_parallel=true")
 
 
 def schedule(c: RecipeConfig) -> Iterator[Finding]:
@@ -147,13 +148,13 @@ def schedule(c: RecipeConfig) -> Iterator[Finding]:
     decay = s.lr_decay_iters or t.train_iters
     if (s.lr_warmup_iters is not None and s.lr_warmup_fraction is not None
             and s.lr_warmup_iters != int(s.lr_warmup_fraction * decay)):  # equal: an already derived config
-        yield ("scheduler.lr_warmup_fraction", f"set lr_warmup_iters or lr_warmup_fraction, not both (lr_warmup_iters "
-               f"{s.lr_warmup_iters} != lr_warmup_fraction {s.lr_warmup_fraction} x lr_decay_iters {decay})",
+        yield ("scheduler.lr_warmup_fraction", (f"set lr_warmup_iters or lr_warmup_fraction, not both (lr_warmup_iters "
+               f"{s.lr_warmup_iters} != lr_warmup_fraction {s.lr_warmup_fraction} x lr_decay_iters {decay})"),
                "unset one of them with ~scheduler.lr_warmup_iters or ~scheduler.lr_warmup_fraction")
     elif s.lr_warmup_iters is not None and s.lr_warmup_iters >= min(decay, t.train_iters) and t.train_iters > 1:
-        yield ("scheduler.lr_warmup_iters", f"lr_warmup_iters {s.lr_warmup_iters} >= "
+        yield ("scheduler.lr_warmup_iters", (f"lr_warmup_iters {s.lr_warmup_iters} >= "
                f"{'lr_decay_iters' if decay < t.train_iters else 'train_iters'} {min(decay, t.train_iters)}: "
-               f"the run never reaches the peak lr {o.lr} (Megatron requires warmup < decay)",
+               f"the run never reaches the peak lr {o.lr} (Megatron requires warmup < decay)"),
                "lower scheduler.lr_warmup_iters, or use scheduler.lr_warmup_fraction (e.g. 0.01)")
     if s.lr_decay_style == "WSD" and s.lr_wsd_decay_iters is None:
         yield ("scheduler.lr_wsd_decay_iters", "lr_decay_style WSD needs lr_wsd_decay_iters", None)
@@ -176,8 +177,8 @@ def io(c: RecipeConfig) -> Iterator[Finding]:
     if d.kind == "sft":
         others = [p for p in d.paths if not p.endswith(".jsonl")]
         if others:
-            yield ("data.paths", f"data.kind 'sft' reads jsonl files (one prompt/response or messages record "
-                   f"per line), and {others[0]!r} does not end in .jsonl",
+            yield ("data.paths", (f"data.kind 'sft' reads jsonl files (one prompt/response or messages record "
+                   f"per line), and {others[0]!r} does not end in .jsonl"),
                    "name the files *.jsonl, or use data.kind=\"text\" for plain text")
         if d.weights:
             yield ("data.weights", "data.kind 'sft' concatenates its files; blend weights are not supported",
@@ -187,8 +188,8 @@ def io(c: RecipeConfig) -> Iterator[Finding]:
     if (ck.save_interval or ck.keep_last) and not ck.save:
         yield ("checkpoint.save", "save_interval/keep_last are set but checkpoint.save is not", None)
     if pr.profile_step_start >= pr.profile_step_end:
-        yield ("profiling.profile_step_end", f"profile_step_end {pr.profile_step_end} must be after "
-               f"profile_step_start {pr.profile_step_start}", None)
+        yield ("profiling.profile_step_end", (f"profile_step_end {pr.profile_step_end} must be after "
+               f"profile_step_start {pr.profile_step_start}"), None)
 
 
 def precision(c: RecipeConfig) -> Iterator[Finding]:
@@ -205,11 +206,11 @@ def kernels(c: RecipeConfig) -> Iterator[Finding]:
     """Layer implementation, torch.compile and CUDA graphs: the combinations that cannot run."""
     impl, t = c.model.transformer_impl, c.train
     if c.precision.fp8 and impl == "local":
-        yield ("model.transformer_impl", f"precision.fp8={c.precision.fp8!r} needs Transformer Engine modules, "
-               'but model.transformer_impl is "local"', 'set model.transformer_impl="auto" or unset precision.fp8')
+        yield ("model.transformer_impl", (f"precision.fp8={c.precision.fp8!r} needs Transformer Engine modules, "
+               'but model.transformer_impl is "local"'), 'set model.transformer_impl="auto" or unset precision.fp8')
     if t.torch_compile and impl == "transformer_engine":
-        yield ("train.torch_compile", "torch.compile runs on Megatron-Core's local modules only (Transformer "
-               'Engine modules are opaque to it), but model.transformer_impl is "transformer_engine"',
+        yield ("train.torch_compile", ("torch.compile runs on Megatron-Core's local modules only (Transformer "
+               'Engine modules are opaque to it), but model.transformer_impl is "transformer_engine"'),
                'set model.transformer_impl="local" (or "auto"), or train.torch_compile=false')
     if t.torch_compile and c.precision.fp8:
         yield ("train.torch_compile", "torch.compile runs on the local modules, which have no FP8",
@@ -223,23 +224,29 @@ def kernels(c: RecipeConfig) -> Iterator[Finding]:
         yield ("train.cuda_graph", "train.cuda_graph and train.torch_compile cannot be combined here",
                'keep one: train.cuda_graph="none" or train.torch_compile=false')
     if t.cuda_graph == "layers" and c.model.recompute_granularity == "full":
-        yield ("train.cuda_graph", 'per-layer CUDA graphs cannot replay full activation recompute (Megatron-Core '
-               'supports it only inside a full-iteration graph)',
+        yield ("train.cuda_graph", ('per-layer CUDA graphs cannot replay full activation recompute (Megatron-Core '
+               'supports it only inside a full-iteration graph)'),
                'set train.cuda_graph="full_iteration", or model.recompute_granularity="selective"')
     if t.cuda_graph == "full_iteration" and t.check_for_nan_in_grad:
-        yield ("train.check_for_nan_in_grad", "the DDP NaN check reads every gradient bucket on the host, which "
-               'a captured full-iteration graph cannot do', "set train.check_for_nan_in_grad=false (the runtime still "
-               "stops on a non-finite gradient norm)")
+        yield ("train.check_for_nan_in_grad", ("the DDP NaN check reads every gradient bucket on the host, which "
+               'a captured full-iteration graph cannot do'), ("set train.check_for_nan_in_grad=false (the runtime still "
+               "stops on a non-finite gradient norm)"))
 
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
 
 
+MAX_NAME = 128  # a file name is at most 255 bytes; build/<name> and runs/<name> add suffixes
+
+
 def naming(c: RecipeConfig) -> Iterator[Finding]:
     if not _NAME.match(c.name) or c.name in (".", ".."):
-        yield ("name", f"name {c.name!r} cannot be used: it names the build and run directories "
-               "(build/<name>, runs/<name>) and the rendezvous id",
+        yield ("name", (f"name {shown(repr(c.name))} cannot be used: it names the build and run directories "
+               "(build/<name>, runs/<name>) and the rendezvous id"),
                "use letters, digits, _ . + - (no spaces or slashes), e.g. name = \"my_llama\"")
+    elif len(c.name) > MAX_NAME:
+        yield ("name", (f"name is {len(c.name)} characters long; it names directories (build/<name>, runs/<name>), "
+               f"so at most {MAX_NAME}"), "use a short name, e.g. name = \"my_llama\"")
 
 
 RULES: tuple[Rule, ...] = (naming, layout, heads, layers, sequence, batches, experts, schedule, io, precision,

@@ -3,6 +3,7 @@
 import attrs
 
 from ._fields import option
+from .bounds import MAX_KEEP, MAX_STEPS, MAX_WORKERS
 
 
 @attrs.frozen
@@ -19,7 +20,7 @@ class DataConfig:
     weights: tuple[float, ...] = option((), "Blend weight per path; empty for equal weights.")
     split: str = option("969,30,1", "Train,valid,test proportions.")
     cache_dir: str | None = option(None, "Where built dataset indices are cached.")
-    num_workers: int = option(2, "DataLoader workers per rank.", min=0)
+    num_workers: int = option(2, "DataLoader workers per rank.", min=0, max=MAX_WORKERS)
 
 
 @attrs.frozen
@@ -38,8 +39,8 @@ class CheckpointConfig:
     """Megatron dist checkpoints: where, how often, how many, and what to start from."""
 
     save: str | None = option(None, "Directory to save to; unset for no checkpoints.")
-    save_interval: int | None = option(None, "Save every N steps (and at the end).", min=1)
-    keep_last: int | None = option(None, "Keep only the newest N checkpoints.", min=1)
+    save_interval: int | None = option(None, "Save every N steps (and at the end).", min=1, max=MAX_STEPS)
+    keep_last: int | None = option(None, "Keep only the newest N checkpoints.", min=1, max=MAX_KEEP)
     load: str | None = option(None, "Resume from here (defaults to `save` when it has one).")
     pretrained: str | None = option(
         None, "Start weights (dist checkpoint or HF directory) for a finetune; no optimizer state."
@@ -58,7 +59,7 @@ class CheckpointConfig:
 class LoggingConfig:
     """What is reported and where."""
 
-    log_interval: int = option(10, "Print metrics every N steps.", min=1)
+    log_interval: int = option(10, "Print metrics every N steps.", min=1, max=MAX_STEPS)
     tensorboard_dir: str | None = option(None, "Write TensorBoard events here.")
     wandb_project: str | None = option(None, "Weights & Biases project; unset for none.")
     wandb_exp_name: str | None = option(None, "Weights & Biases run name.")
@@ -71,7 +72,7 @@ class ProfilingConfig:
 
     use_nsys: bool = option(False, "Wrap the run in nsys with a cudaProfilerApi capture range.")
     use_torch_profiler: bool = option(False, "Record a torch.profiler trace.")
-    profile_step_start: int = option(10, "First profiled step.", min=0)
-    profile_step_end: int = option(12, "Step after the last profiled one.", min=1)
+    profile_step_start: int = option(10, "First profiled step.", min=0, max=MAX_STEPS)
+    profile_step_end: int = option(12, "Step after the last profiled one.", min=1, max=MAX_STEPS)
     profile_ranks: tuple[int, ...] = option((0,), "Global ranks that profile.")
     record_shapes: bool = option(False, "torch profiler: record input shapes.")

@@ -3,18 +3,28 @@
 import attrs
 
 from ._fields import option
+from .bounds import (
+    MAX_BATCH,
+    MAX_FACTOR,
+    MAX_LOSS_SCALE,
+    MAX_RATE,
+    MAX_SEED,
+    MAX_SMALL,
+    MAX_STEPS,
+    MAX_TOKENS,
+)
 
 
 @attrs.frozen
 class TrainConfig:
     """Batch sizes, length of the run, evaluation and seed."""
 
-    global_batch_size: int = option(256, "Sequences per optimizer step, all ranks together.", min=1)
-    micro_batch_size: int = option(1, "Sequences per forward pass on one rank.", min=1)
-    train_iters: int = option(1000, "Optimizer steps to run.", min=1)
-    eval_interval: int | None = option(None, "Evaluate every N steps; unset for never.", min=1)
-    eval_iters: int = option(10, "Batches per evaluation.", min=1)
-    seed: int = option(1234, "Random seed (init, data order, dropout).", min=0)
+    global_batch_size: int = option(256, "Sequences per optimizer step, all ranks together.", min=1, max=MAX_BATCH)
+    micro_batch_size: int = option(1, "Sequences per forward pass on one rank.", min=1, max=MAX_BATCH)
+    train_iters: int = option(1000, "Optimizer steps to run.", min=1, max=MAX_STEPS)
+    eval_interval: int | None = option(None, "Evaluate every N steps; unset for never.", min=1, max=MAX_STEPS)
+    eval_iters: int = option(10, "Batches per evaluation.", min=1, max=MAX_STEPS)
+    seed: int = option(1234, "Random seed (init, data order, dropout).", min=0, max=MAX_SEED)
     torch_compile: bool = option(
         False, "torch.compile each transformer layer (inductor); needs model.transformer_impl local or auto, "
         "where auto then picks the local modules."
@@ -26,14 +36,13 @@ class TrainConfig:
         choices=("none", "layers", "full_iteration"),
     )
     cuda_graph_warmup_steps: int = option(
-        3, "Eager steps before the CUDA graphs are captured.", min=1
-    )
+        3, "Eager steps before the CUDA graphs are captured.", min=1, max=MAX_STEPS)
     exit_signal_handler: bool = option(
         True, "On SIGTERM/SIGUSR1 save a checkpoint at the next log step and exit 0."
     )
     manual_gc_interval: int = option(
-        100, "Run Python's garbage collector only every N steps (0: automatic GC, which stalls steps).", min=0
-    )
+        100, "Run Python's garbage collector only every N steps (0: automatic GC, which stalls steps).",
+        min=0, max=MAX_STEPS)
     check_for_nan_in_grad: bool = option(
         False, "DDP also checks every gradient bucket for NaN/Inf (device syncs: ~10 ms/step at 1B on an "
         "H100); the runtime always stops, without saving, on a non-finite gradient norm."
@@ -45,14 +54,14 @@ class OptimizerConfig:
     """Megatron-Core optimizer: Adam(W) or SGD, distributed or not."""
 
     optimizer: str = option("adam", "Algorithm (adam is AdamW).", choices=("adam", "sgd"))
-    lr: float = option(3e-4, "Peak learning rate.", min=0.0)
-    min_lr: float = option(3e-5, "Learning rate at the end of decay.", min=0.0)
-    weight_decay: float = option(0.1, "Decoupled weight decay.", min=0.0)
+    lr: float = option(3e-4, "Peak learning rate.", min=0.0, max=MAX_RATE)
+    min_lr: float = option(3e-5, "Learning rate at the end of decay.", min=0.0, max=MAX_RATE)
+    weight_decay: float = option(0.1, "Decoupled weight decay.", min=0.0, max=MAX_RATE)
     adam_beta1: float = option(0.9, "Adam beta1.", min=0.0, max=1.0)
     adam_beta2: float = option(0.95, "Adam beta2.", min=0.0, max=1.0)
-    adam_eps: float = option(1e-8, "Adam epsilon.", min=0.0)
+    adam_eps: float = option(1e-8, "Adam epsilon.", min=0.0, max=MAX_SMALL)
     sgd_momentum: float = option(0.9, "SGD momentum.", min=0.0, max=1.0)
-    clip_grad: float = option(1.0, "Clip the global grad norm to this; 0 disables.", min=0.0)
+    clip_grad: float = option(1.0, "Clip the global grad norm to this; 0 disables.", min=0.0, max=MAX_FACTOR)
     use_distributed_optimizer: bool = option(
         True, "Shard optimizer states over data-parallel ranks (ZeRO-1)."
     )
@@ -67,22 +76,19 @@ class SchedulerConfig:
     """Learning-rate warmup and decay (Megatron's OptimizerParamScheduler)."""
 
     lr_warmup_iters: int | None = option(
-        None, "Linear warmup steps.", min=0, derived="lr_warmup_fraction x lr_decay_iters, else 0"
-    )
+        None, "Linear warmup steps.", min=0, derived="lr_warmup_fraction x lr_decay_iters, else 0", max=MAX_STEPS)
     lr_warmup_fraction: float | None = option(
         None, "Warmup as a fraction of lr_decay_iters (Megatron's --lr-warmup-fraction).", min=0.0, max=1.0
     )
-    lr_warmup_init: float = option(0.0, "Learning rate at step 0 of warmup.", min=0.0)
+    lr_warmup_init: float = option(0.0, "Learning rate at step 0 of warmup.", min=0.0, max=MAX_RATE)
     lr_decay_style: str = option(
         "cosine", "Decay after warmup.",
         choices=("constant", "linear", "cosine", "inverse-square-root", "WSD"),
     )
     lr_decay_iters: int | None = option(
-        None, "Step at which decay reaches min_lr.", min=1, derived="train.train_iters"
-    )
+        None, "Step at which decay reaches min_lr.", min=1, derived="train.train_iters", max=MAX_STEPS)
     lr_wsd_decay_iters: int | None = option(
-        None, "Final annealing steps of WSD.", min=1
-    )
+        None, "Final annealing steps of WSD.", min=1, max=MAX_STEPS)
 
 
 @attrs.frozen
@@ -95,11 +101,11 @@ class PrecisionConfig:
         choices=("delayed", "tensorwise", "blockwise", "mxfp8"),
     )
     fp8_format: str = option("hybrid", "E4M3 forward/E5M2 backward, or E4M3 both.", choices=("hybrid", "e4m3"))
-    fp8_amax_history_len: int = option(1024, "Amax history of the delayed recipe.", min=1)
+    fp8_amax_history_len: int = option(1024, "Amax history of the delayed recipe.", min=1, max=MAX_TOKENS)
     fp8_amax_compute_algo: str = option("max", "Amax reduction of the delayed recipe.", choices=("max", "most_recent"))
     fp8_param_gather: bool = option(False, "Keep params in FP8 and all-gather them in FP8.")
     grad_reduce_in_fp32: bool = option(True, "Accumulate and reduce gradients in fp32.")
-    initial_loss_scale: float = option(65536.0, "Starting dynamic loss scale (fp16 only).", min=1.0)
+    initial_loss_scale: float = option(65536.0, "Starting dynamic loss scale (fp16 only).", min=1.0, max=MAX_LOSS_SCALE)
 
     @property
     def param_bytes(self) -> int:

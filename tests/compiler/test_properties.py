@@ -8,11 +8,12 @@ import tempfile
 from pathlib import Path
 
 import attrs
+from click.testing import CliRunner
+from compiler_testlib import DATA, SMALL
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from compiler_testlib import DATA, SMALL
-
 from recipec.compiler import Compiled, RecipeError, build
+from recipec.compiler.cli import main
 from recipec.compiler.structure import all_leaf_paths, section_classes
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), database=None)
@@ -172,3 +173,87 @@ def test_random_python_overrides_compile_or_raise_recipe_error(changes: dict) ->
     compiled = compiles_or_recipe_error(lambda: _BASE.override(**changes))
     if compiled is not None:
         assert attrs.has(type(compiled.config))
+
+
+# --- Hostile input (issue 11): deep nesting, long text, odd unicode, huge numbers. Whatever the
+# shape, the compiler raises RecipeError and the CLI exits 2 with one message, never a traceback.
+
+def _deep(n: int, kind: str) -> str:
+    return {"array": "[" * n + "]" * n, "table": "{a=" * n + "1" + "}" * n, "key": ".".join(["a"] * n)}[kind]
+
+
+deep_values = st.builds(_deep, st.integers(1, 3000), st.sampled_from(["array", "table"]))
+deep_keys = st.builds(_deep, st.integers(1, 3000), st.just("key"))
+long_text = st.integers(1, 100_000).map(lambda n: "x" * n)
+odd_text = st.text(alphabet=st.one_of(st.characters(blacklist_categories=["Cs"]),
+                                      st.sampled_from("\x00\x1b\x7f\x85\u2028\ufeff\U0001f600\"'\\\n\r\t[]{}=.#")),
+                   min_size=1, max_size=40)
+huge_numbers = st.one_of(st.integers(20, 10_000).map(lambda n: "9" * n), st.sampled_from(["1e308", "-1e308", "1e-320"]))
+hostile_values = st.one_of(deep_values, long_text, odd_text, odd_text.map(json.dumps), huge_numbers)
+hostile_keys = st.one_of(key_text, deep_keys, st.sampled_from(SCHEMA_KEYS), long_text, odd_text,
+                         st.builds(lambda k: "launch.env." + k, st.one_of(deep_keys, long_text, odd_text)))
+hostile_overrides = st.builds(lambda op, k, v: f"{op}{k}={v}", st.sampled_from(["", "+", "~"]), hostile_keys,
+                              hostile_values) | st.builds(lambda op, k: f"{op}{k}", st.sampled_from(["", "~"]), hostile_keys)
+hostile_lines = st.one_of(
+    st.builds(lambda k, v: f"{k} = {v}", st.one_of(st.sampled_from(["x", "num_layers", "lr"]), deep_keys,
+                                                 odd_text.map(json.dumps)), hostile_values),
+    deep_keys.map(lambda k: f"[{k}]"), odd_text, long_text,
+)
+HOSTILE_SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+
+
+@HOSTILE_SETTINGS
+@given(st.lists(hostile_overrides, min_size=1, max_size=3))
+def test_hostile_overrides_compile_or_raise_recipe_error(overrides: list[str]) -> None:
+    compiles_or_recipe_error(lambda: build(SMALL, overrides, artifact_dir="build/props"))
+
+
+@HOSTILE_SETTINGS
+@given(st.lists(st.tuples(st.integers(0, 100), hostile_lines), min_size=1, max_size=3))
+def test_hostile_recipe_text_compiles_or_raises_recipe_error(inserts: list[tuple[int, str]]) -> None:
+    lines = list(BASE_LINES)
+    for at, line in inserts:
+        lines.insert(at % (len(lines) + 1), line)
+    path = WORK / "hostile.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogatepass")
+    compiles_or_recipe_error(lambda: build(path, artifact_dir="build/props"))
+
+
+@HOSTILE_SETTINGS
+@given(st.dictionaries(st.sampled_from(SCHEMA_KEYS), st.one_of(odd_text, long_text, st.integers(-(2**80), 2**80),
+                                                                st.recursive(st.integers(), lambda x: st.lists(x, max_size=2)
+                                                                             | st.dictionaries(ident, x, max_size=2),
+                                                                             max_leaves=40)),
+                       min_size=1, max_size=3))
+def test_hostile_python_overrides_compile_or_raise_recipe_error(changes: dict) -> None:
+    compiles_or_recipe_error(lambda: _BASE.override(**changes))
+
+
+recipe_args = st.one_of(st.just(str(SMALL)), st.just("llama3_tiny"), odd_text, long_text, deep_keys,
+                        st.sampled_from(["", "/", "/etc/passwd", "/dev/null", str(DATA), "\udcff", "-"]))
+cli_args = st.builds(
+    lambda cmd, recipe, overrides, extra: [cmd, recipe, *overrides, *extra],
+    st.sampled_from(["build", "explain", "launch"]), recipe_args, st.lists(hostile_overrides, max_size=2),
+    st.sampled_from([[], ["-f", "/etc/passwd"], ["-f", "x" * 5000], ["-o", "/etc/passwd"], ["--format", "toml"],
+                     ["--dry-run"]]),
+)
+
+
+@HOSTILE_SETTINGS
+@given(cli_args)
+def test_the_cli_never_prints_a_traceback(args: list[str]) -> None:
+    """In-process, every command exits 0 or 2 with one message; no exception escapes the boundary."""
+    if args[0] == "explain":
+        args = [args[0], args[1], "model.num_layers",
+                *(a for a in args[2:] if a not in ("--format", "toml", "--dry-run"))]
+    elif args[0] == "launch":  # never start anything: only a dry run
+        args = [a for a in args if a not in ("--format", "toml", "--dry-run")] + ["--dry-run"]
+    else:
+        args = [a for a in args if a != "--dry-run"]
+    result = CliRunner().invoke(main, [*args, *(["-o", str(WORK / "cli-out")] if "-o" not in args
+                                                and args[0] != "explain" else [])])
+    assert result.exit_code in (0, 2), (args[:3], result.exception, result.output[-2000:])
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    if result.exit_code == 2:  # ours, or click's usage error (an override that reads as an option)
+        assert result.output.startswith(("recipec: error: ", "Usage: ", "Error: ")), result.output
