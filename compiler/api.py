@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 
 from .errors import Problem, RecipeError, UnknownKeyError
+from .executors import executor_for, script_names
 from .loader import load, resolve
 from .overrides import apply_overlays, apply_python, apply_strings
 from .plan import Plan, make_plan, plan_to_dict
@@ -93,22 +94,24 @@ class Compiled:
     def to_toml(self) -> str:
         return resolved_toml(self.config, self.tree, header=f"recipec resolved recipe {self.name}\nfingerprint {self.fingerprint}")
 
-    def write(self, out_dir: str | FsPath | None = None) -> FsPath:
-        """Write resolved.toml, plan.json, launch.sh (and job.sbatch for SLURM) into the build directory."""
-        from .scripts import launch_script, sbatch_script
+    def write(self, out_dir: str | FsPath | None = None, *, python: str | None = None) -> FsPath:
+        """Write resolved.toml, plan.json and the executor's scripts into the build directory.
 
+        The executor (`launch.executor`) says which scripts; another executor's stale ones are
+        removed, so a job script never outlives its recipe. `python` is the interpreter the
+        scripts run on the nodes (None: `python` / `torchrun` from PATH).
+        """
         directory = FsPath(out_dir or self.artifact_dir)
+        scripts = executor_for(self.config.launch.executor).scripts(self, python)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "resolved.toml").write_text(self.to_toml())
         (directory / "plan.json").write_text(self.to_json())
-        script = directory / "launch.sh"
-        script.write_text(launch_script(self))
-        script.chmod(0o755)
-        sbatch = directory / "job.sbatch"
-        if self.config.launch.executor == "slurm":
-            sbatch.write_text(sbatch_script(self))
-        else:
-            sbatch.unlink(missing_ok=True)  # a stale job script must not outlive its recipe
+        for stale in script_names() - {s.name for s in scripts}:
+            (directory / stale).unlink(missing_ok=True)
+        for script in scripts:
+            path = directory / script.name
+            path.write_text(script.text)
+            path.chmod(0o755 if script.executable else 0o644)
         return directory
 
 

@@ -1,9 +1,47 @@
-"""[launch] and [peft]: where the job runs, and the adapter finetuning option."""
+"""[launch] and [peft]: where the job runs, and the adapter finetuning option.
+
+`launch_rules` is the check every executor shares: `[launch]` values end up in generated
+shell scripts and in every rank's environment, so env names must be identifiers, a few
+names that would make data run as code are refused, and no value may hold a line break
+or NUL. An executor adds its own rules (executors/).
+"""
+
+import json
+import typing
+from collections.abc import Iterator
 
 import attrs
 
+from ..executors import EXECUTORS
 from ..hardware import ACCELERATORS
+from ..shell import is_identifier, script_text_problem
 from ._fields import option
+from .bounds import MAX_FACTOR, MAX_WIDTH
+
+# Environment names a recipe may not set, and why: each would let data run code, load code
+# no one asked for, unpickle a checkpoint, or take over a variable the scripts set themselves.
+# Search paths (PATH, PYTHONPATH, LD_LIBRARY_PATH) stay allowed: they name code already on disk
+# and clusters need them.
+REFUSED_ENV: dict[str, str] = {
+    "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "it switches torch.load's weights-only mode off, so loading a checkpoint "
+                                        "could unpickle and run code",
+    "LD_PRELOAD": "it makes every process load the named library before its own code",
+    "LD_AUDIT": "it makes every process load the named auditing library before its own code",
+    "BASH_ENV": "every non-interactive bash (the job's `bash -c` too) expands it, command substitution "
+                "included, and runs the file it names",
+    "ENV": "sh and bash in POSIX mode expand it, command substitution included, and run the file it names",
+    "SHELLOPTS": "it switches on options (xtrace, ...) in every bash the scripts start",
+    "BASHOPTS": "it switches on options in every bash the scripts start",
+    "PS4": "bash expands it, command substitution included, before every traced line",
+    "PROMPT_COMMAND": "bash runs its value as a command",
+    "IFS": "it changes how the scripts' shells split words",
+    "PYTHONSTARTUP": "python runs the file it names",
+    "PYTHONINSPECT": "python stops at an interactive prompt after the rank's code, so the job hangs",
+    "PYTHONBREAKPOINT": "python imports and calls the function it names at every breakpoint()",
+    "PYTHONWARNINGS": "a warning filter names its category by module path, and python imports that module",
+    "NODE_RANK": "launch.sh reads it per node (NODE_RANK=K bash launch.sh); it is not one value for all nodes",
+    "HEAD_NODE": "job.sbatch sets it from the job's node list",
+}
 
 
 @attrs.frozen
@@ -12,7 +50,7 @@ class LaunchConfig:
 
     nodes: int = option(1, "Machines.", min=1)
     gpus_per_node: int = option(8, "Processes per machine (GPUs; CPU processes without GPU).", min=1)
-    executor: str = option("local", "local: torchrun here; slurm: an sbatch job.", choices=("local", "slurm"))
+    executor: str = option("local", "local: torchrun here; slurm: an sbatch job.", choices=tuple(EXECUTORS))
     master_addr: str = option("127.0.0.1", "Rendezvous host for local multi-node runs.")
     master_port: int = option(29500, "Rendezvous port.", min=1, max=65535)
     accelerator: str = option(
@@ -32,13 +70,49 @@ class LaunchConfig:
     env: dict[str, str] = option({}, "Extra environment variables for every rank.")
 
 
+def env_key_display(name: str) -> str:
+    """How an env entry's key reads in a message: launch.env.NCCL_DEBUG, or quoted when it is not a name."""
+    return f"launch.env.{name}" if is_identifier(name) else f"launch.env.{json.dumps(name)}"
+
+
+def _texts(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if isinstance(v, str)]
+    return []
+
+
+def launch_rules(launch: LaunchConfig) -> Iterator[tuple[tuple[str, ...], str, str | None]]:
+    """The checks every executor shares (see the module doc); paths are tuples, as the tree keys them."""
+    for field in attrs.fields(LaunchConfig):
+        if typing.get_origin(field.type) is dict:
+            continue
+        for text in _texts(getattr(launch, field.name)):
+            problem = script_text_problem(text)
+            if problem:
+                yield (("launch", field.name), f"{text!r} {problem}", "write it on one line, without control characters")
+                break
+    for name, value in launch.env.items():
+        path = ("launch", "env", name)
+        if not is_identifier(name):
+            message = (f"environment variable name {name!r} is not an identifier "
+                       "(letters, digits and _, not starting with a digit), so no script may export it")
+            yield (path, message, "rename it, e.g. NCCL_DEBUG = \"INFO\"")
+        elif name in REFUSED_ENV:
+            yield (path, f"launch.env may not set {name}: {REFUSED_ENV[name]}", f"remove {name} from [launch.env]")
+        problem = script_text_problem(value)
+        if problem:
+            yield (path, f"the value {value!r} {problem}", "write it on one line, without control characters")
+
+
 @attrs.frozen
 class PeftConfig:
     """Parameter-efficient finetuning; only the adapters train."""
 
     method: str | None = option(None, "Adapter kind; unset for full training.", choices=("lora",))
-    lora_rank: int = option(16, "LoRA rank r.", min=1)
-    lora_alpha: float = option(32.0, "LoRA scaling alpha (update scaled by alpha / r).", min=0.0)
+    lora_rank: int = option(16, "LoRA rank r.", min=1, max=MAX_WIDTH)
+    lora_alpha: float = option(32.0, "LoRA scaling alpha (update scaled by alpha / r).", min=0.0, max=MAX_FACTOR)
     lora_dropout: float = option(0.0, "Dropout on the LoRA input.", min=0.0, max=1.0)
     target_modules: tuple[str, ...] = option(
         ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"),

@@ -23,7 +23,7 @@ def slurm_answers() -> bool:
     if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
         return False
     try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["sinfo", "-h", "-o", "%t"], check=False, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return False
     states = out.stdout.split()

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from recipec.compiler.cli import main
 
 
@@ -161,7 +160,8 @@ def test_container_plugin_in_the_job_script(workdir: Path) -> None:
     assert ("srun --ntasks-per-node=1 --kill-on-bad-exit=1 --cpus-per-task=1 "
             "--container-image=nvcr.io/nvidia/pytorch:25.01-py3 --container-mounts=/data:/data,/ckpt:/ckpt "
             '--container-workdir="$SLURM_SUBMIT_DIR"') in result.output
-    assert "exec torchrun --nnodes=$SLURM_NNODES" in result.output  # the image's torchrun
+    # the image's python runs the supervisor and the image's torchrun
+    assert 'exec python -m recipec.compiler.supervisor -- torchrun --nnodes="$SLURM_NNODES"' in result.output
 
 
 def test_no_requeue_when_disabled(workdir: Path) -> None:

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from launch_helpers import clean_env, recipec_cmd
 
 pytestmark = pytest.mark.timeout(900)
@@ -27,7 +26,7 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 
 
 def _job(job_id: str) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], check=False, capture_output=True, text=True).stdout
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
@@ -38,14 +37,14 @@ def _wait(job_id: str, until, timeout: float = 600) -> dict[str, str]:
         if until(info):
             return info
         time.sleep(1)
-    subprocess.run(["scancel", job_id])
+    subprocess.run(["scancel", job_id], check=False)
     raise AssertionError(f"job {job_id} still {_job(job_id).get('JobState')} after {timeout}s")
 
 
 def _submit(workdir: Path, *overrides: str) -> tuple[str, Path]:
     proc = subprocess.run(recipec_cmd("launch", "llama3_tiny", "--executor", "slurm", "launch.gpus_per_node=1",
                                       "-o", "build/tiny", *overrides),
-                          cwd=workdir, env=clean_env(), capture_output=True, text=True, timeout=120)
+                          cwd=workdir, env=clean_env(), check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     job_id = proc.stdout.strip().splitlines()[0]
     assert job_id.isdigit(), proc.stdout

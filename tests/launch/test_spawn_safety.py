@@ -37,7 +37,7 @@ if __name__ == "__main__":
 def _run(tmp_path: Path, name: str, code: str) -> str:
     script = tmp_path / name
     script.write_text(code)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, str(script)], check=False, capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.strip()
 
