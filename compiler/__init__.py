@@ -11,6 +11,7 @@ from .api import Compiled, build, compile_tree, from_config
 from .errors import (
     ArtifactError,
     CyclicExtendsError,
+    ExtendsLimitError,
     OverrideError,
     RecipeError,
     RecipeNotFoundError,
@@ -23,7 +24,7 @@ from .schema import *  # noqa: F403
 from .schema import __all__ as _schema_all
 
 __all__ = [
-    "ArtifactError", "Compiled", "CyclicExtendsError", "OverrideError", "RecipeError",
+    "ArtifactError", "Compiled", "CyclicExtendsError", "ExtendsLimitError", "OverrideError", "RecipeError",
     "RecipeNotFoundError", "TomlSyntaxError", "TypeMismatchError", "UnknownKeyError",
     "ValidationError", "build", "compile_tree", "from_config", *_schema_all,
 ]

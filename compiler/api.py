@@ -21,10 +21,20 @@ from .executors import executor_for, script_names
 from .loader import load, resolve
 from .overrides import apply_overlays, apply_python, apply_strings
 from .plan import Plan, make_plan, plan_to_dict
-from .render import config_to_dict, fingerprint, resolved_toml
+from .render import (
+    config_to_dict,
+    fingerprint,
+    origin_of,
+    resolved_toml,
+    section_lines,
+    toml_key,
+    toml_value,
+)
 from .schema import RecipeConfig, derive
-from .sources import Source, describe_chain, display_path
-from .structure import field_of, structure
+from .schema._fields import is_free_table
+from .sources import Source, display_path
+from .structure import field_of, key_hint, structure
+from .text import shown
 from .tree import Tree, set_leaf
 from .validate import validate
 
@@ -54,27 +64,42 @@ class Compiled:
         return compile_tree(tree, artifact_dir=self.artifact_dir)
 
     def explain(self, key: str) -> str:
-        """Value, provenance chain, default and help of one dotted key."""
+        """Value, provenance chain, default and help of one dotted key (values written as TOML)."""
         path = tuple(key.split("."))
         field = field_of(path)
         if field is None:
             raise RecipeError.of([Problem(UnknownKeyError, f"no key `{key}` in the schema", key=key,
-                                          hint="`recipec schema` lists every key")])
+                                          hint=key_hint(path))])
+        if field.metadata.get("section"):
+            return "\n".join(section_lines(self.config, self.tree, key))
         value: Any = self.config
-        for part in path:
-            value = value.get(part) if isinstance(value, dict) else getattr(value, part)
-        chain = self.tree.chains.get(path, ())
-        origin = describe_chain(chain) if chain else (
-            f"derived: {field.metadata['derived']}" if field.metadata.get("derived") else "default")
+        for part in path[:2]:
+            value = getattr(value, part)
+        help_line = f"  help:    {field.metadata.get('help', '')}"
+        if len(path) == 3:  # an entry of a free table such as launch.env
+            table, name = ".".join(path[:2]), path[2]
+            if name not in value:
+                return "\n".join([
+                    f"{key} is unset: [{table}] has no entry {shown(name)}",
+                    (f"  set it:  +{key}=VALUE on the command line, or {toml_key(name)} = \"VALUE\" under "
+                     f"[{table}] in the recipe or an -f overlay"),
+                    help_line,
+                ])
+            return "\n".join([f"{key} = {toml_value(value[name])}",
+                              f"  set by:  {origin_of(path, value[name], self.tree)}", help_line])
+        if is_free_table(field.type) and value:
+            origin = "; ".join(f"{toml_key(k)}: {origin_of((*path, k), v, self.tree)}" for k, v in value.items())
+        else:
+            origin = origin_of(path, value, self.tree, field)
         default = field.default.factory() if isinstance(field.default, attrs.Factory) else field.default  # type: ignore[attr-defined]
         lines = [
-            f"{key} = {value!r}",
+            f"{key} = {_toml_or_unset(value)}",
             f"  set by:  {origin}",
-            f"  default: {default!r}",
-            f"  help:    {field.metadata.get('help', '')}",
+            f"  default: {_toml_or_unset(default)}",
+            help_line,
         ]
         if field.metadata.get("choices"):
-            lines.append(f"  allowed: {', '.join(map(repr, field.metadata['choices']))}")
+            lines.append(f"  allowed: {', '.join(map(toml_value, field.metadata['choices']))}")
         return "\n".join(lines)
 
     def to_json(self) -> str:
@@ -113,6 +138,10 @@ class Compiled:
             path.write_text(script.text)
             path.chmod(0o755 if script.executable else 0o644)
         return directory
+
+
+def _toml_or_unset(value: Any) -> str:
+    return "(unset)" if value is None else toml_value(value)
 
 
 def build(

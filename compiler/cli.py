@@ -14,6 +14,7 @@ import click
 
 from .api import Compiled, build
 from .errors import Problem, RecipeError
+from .executors import executor_for
 from .text import shown
 
 USER_ERROR = 2
@@ -31,6 +32,8 @@ def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             return func(*args, **kwargs)
         except RecipeError as exc:
             _fail(str(exc))
+        except BrokenPipeError:
+            _quiet_broken_pipe()
         except OSError as exc:
             _fail(_os_message(exc))
         except UnicodeError as exc:
@@ -40,6 +43,14 @@ def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             _fail("input nested too deeply to read", "a recipe nests a few tables deep; flatten the data")
 
     return wrapper
+
+
+def _quiet_broken_pipe() -> NoReturn:
+    """`recipec schema | head` closed our stdout: that is the reader's choice, not an error.
+    Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(0)
 
 
 def _fail(message: str, hint: str | None = None) -> NoReturn:
@@ -130,7 +141,7 @@ def build_cmd(recipe: str, overrides: tuple[str, ...], files: tuple[str, ...], o
         click.echo(compiled.to_json(), nl=False)
     else:
         click.echo(_summary(compiled))
-        names = ("resolved.toml", "plan.json", "launch.sh", "job.sbatch")
+        names = ("resolved.toml", "plan.json", *executor_for(compiled.config.launch.executor).script_names)
         written = ", ".join(n for n in names if (directory / n).is_file())
         click.echo(f"  wrote    {directory}/{written}")
 
@@ -152,16 +163,22 @@ def explain(recipe: str, key: str, overrides: tuple[str, ...], files: tuple[str,
 @_user_errors
 def diff(recipe_a: str, recipe_b: str) -> None:
     """Keys whose resolved values differ between two recipes."""
-    from .render import config_to_dict
+    from .render import config_to_dict, toml_value
     from .tree import leaves
 
-    a, b = (dict(leaves(config_to_dict(build(r).config))) for r in (recipe_a, recipe_b))
+    def values(recipe: str) -> dict[tuple[str, ...], Any]:  # an empty table ({}) is no value of its own
+        return {k: v for k, v in leaves(config_to_dict(build(recipe).config)) if v != {}}
+
+    def shown_value(value: Any) -> str:
+        return "(unset)" if value is None else toml_value(value)
+
+    a, b = values(recipe_a), values(recipe_b)
     rows = [(".".join(k), a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k != ("name",)]
     if not rows:
         click.echo("no differences")
     width = max((len(r[0]) for r in rows), default=0)
     for key, left, right in rows:
-        click.echo(f"{key:<{width}}  {left!r}  ->  {right!r}")
+        click.echo(f"{key:<{width}}  {shown_value(left)}  ->  {shown_value(right)}")
 
 
 @main.command("list")

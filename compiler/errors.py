@@ -107,7 +107,13 @@ class Problem:
         return "\n".join(shown(line, MAX_LINE) for line in text.split("\n"))
 
 
+def closest(word: str, choices: Iterable[str]) -> str | None:
+    """The choice closest to `word`, if any is close."""
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     """'did you mean `x`?' for the closest choice, if any is close."""
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"did you mean `{match[0]}`?" if match else None
+    match = closest(word, choices)
+    return f"did you mean `{match}`?" if match else None

@@ -13,6 +13,7 @@ a generated or looping chain ends in a clear error, not a RecursionError or a ha
 
 from __future__ import annotations
 
+import difflib
 import errno
 import os
 import stat
@@ -33,7 +34,7 @@ from .errors import (
 )
 from .sources import Source, SourceKind, display_path
 from .text import shown
-from .toml_lines import key_at, key_lines, line_of
+from .toml_lines import key_at, key_lines, line_of, starts_statement
 from .toml_read import TomlReadError, loads
 from .tree import Tree, leaves, merge
 
@@ -76,10 +77,15 @@ def _kind(path: FsPath, ref: str, referrer: Source | None) -> str | None:
     return "file" if stat.S_ISREG(mode) else "dir" if stat.S_ISDIR(mode) else "other"
 
 
-def resolve(ref: str | FsPath, relative_to: FsPath | None = None, *, referrer: Source | None = None) -> FsPath:
-    """The `.toml` file `ref` names: a path, a path relative to `relative_to`, or a bundled name."""
+def resolve(ref: str | FsPath, relative_to: FsPath | None = None, *, referrer: Source | None = None,
+            overlay: bool = False) -> FsPath:
+    """The `.toml` file `ref` names: a path, a path relative to `relative_to`, or a bundled name.
+    `overlay`: `ref` is a `-f` overlay file, and a message says so."""
     ref = str(ref)
     if not ref.strip():
+        if overlay:
+            raise _not_found("overlay '' not found: -f names an empty path", referrer,
+                             "-f takes a TOML file of overrides, e.g. -f overrides.toml")
         raise _not_found("recipe '' not found: the recipe name is empty", referrer,
                          "name a recipe file or a bundled recipe, e.g. llama3_8b")
     name = ref if ref.endswith(SUFFIX) else ref + SUFFIX
@@ -93,7 +99,9 @@ def resolve(ref: str | FsPath, relative_to: FsPath | None = None, *, referrer: S
         plain = FsPath(ref) if FsPath(ref).is_absolute() else root / ref
         kind = _kind(plain, ref, referrer)
         if kind == "dir":
-            raise _not_found(f"{shown(display_path(plain))} is a directory, not a recipe file", referrer,
+            what = f"-f {shown(ref)} is a directory, not an overlay" if overlay else \
+                f"{shown(display_path(plain))} is a directory, not a recipe"
+            raise _not_found(f"{what} file", referrer,
                              f"name a .toml file inside it, e.g. {shown(ref.rstrip('/'))}/<recipe>.toml")
         if kind is not None and ref.endswith(SUFFIX):
             raise _not_found(f"{shown(display_path(plain))} is not a regular file", referrer,
@@ -102,10 +110,32 @@ def resolve(ref: str | FsPath, relative_to: FsPath | None = None, *, referrer: S
             raise _not_found(f"{shown(display_path(plain))} is not a recipe: recipes are {SUFFIX} files", referrer,
                              f"name a {SUFFIX} file (`extends = \"base\"` finds base{SUFFIX}); recipec reads no "
                              "other files")
+    looked = ", ".join(display_path(r) for r in roots)
+    if overlay:
+        stem = FsPath(ref).name.removesuffix(SUFFIX)
+        near = difflib.get_close_matches(stem[:200], _toml_stems_beside(FsPath(ref)), n=1, cutoff=0.6)
+        hint = (f"did you mean -f {shown((FsPath(ref).parent / (near[0] + SUFFIX)).as_posix())}?" if near else
+                "-f takes a TOML file of overrides, as a path relative to the working directory "
+                "(e.g. -f overrides.toml); check the path")
+        raise _not_found(f"overlay {shown(ref)!r} not found (-f {shown(ref)}; looked in {looked})", referrer, hint)
     known = [p.stem for p in bundled_recipes()]
     hint = did_you_mean(FsPath(ref).stem[:200], known) or "`recipec list` shows the bundled recipes"
-    looked = ", ".join(display_path(r) for r in roots)
     raise _not_found(f"recipe {shown(ref)!r} not found (looked in {looked})", referrer, hint)
+
+
+def _toml_stems_beside(ref: FsPath, limit: int = 1000) -> list[str]:
+    """Stems of (at most `limit`) .toml files in the directory `ref` points into, for a hint."""
+    try:
+        with os.scandir(ref.parent) as entries:
+            names = []
+            for entry in entries:
+                if entry.name.endswith(SUFFIX):
+                    names.append(entry.name.removesuffix(SUFFIX))
+                    if len(names) >= limit:
+                        break
+            return names
+    except (OSError, ValueError):
+        return []
 
 
 def _checked(candidate: FsPath, ref: str, referrer: Source | None) -> FsPath:
@@ -154,6 +184,10 @@ def _parse(path: FsPath) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
 def _syntax_error(text: str, exc: TomlReadError, shown_path: str) -> TomlSyntaxError:
     line, message = exc.line, exc.message
     lines = text.splitlines()
+    if exc.opened is not None and line:
+        return _unclosed_error(lines, exc, shown_path)
+    if exc.at_end:
+        message += " at the end of the file"
     snippet = lines[line - 1].strip() if line and line <= len(lines) else ""
     key = exc.key or (key_at(text, line) if line else ())
     hint = "strings need quotes, tables are [name], keys are `key = value`"
@@ -171,9 +205,56 @@ def _syntax_error(text: str, exc: TomlReadError, shown_path: str) -> TomlSyntaxE
     )
 
 
+_CLOSERS = {"array": "]", "inline table": "}"}
+
+
+def _unclosed_error(lines: list[str], exc: TomlReadError, shown_path: str) -> TomlSyntaxError:
+    """An array, inline table or multi-line string still open where tomllib stopped: the message
+    names the line it opened on (where the fix usually is) and the line where the error showed."""
+    assert exc.opened is not None and exc.line is not None
+    what, start = exc.opened
+    line, message = exc.line, exc.message
+    here = lines[line - 1] if line <= len(lines) else ""
+    shown_lines, at = [start, line], start  # `at`: the line the message is filed under
+    if what == "multi-line string":
+        text = f"the multi-line string opened on line {start} is not closed" + (
+            " (the file ends inside it)" if exc.at_end else f" ({message} on line {line})")
+        hint = 'close it with the three quotes it opened with (""" or \'\'\')'
+    elif what == "inline table" and start == line and not exc.at_end:
+        text = f"the inline table opened on line {start} does not end on that line ({message})"
+        hint = (f"an inline table {{ ... }} is one line in TOML: close it with `}}` on line {start}, "
+                "or write a [table] with one key per line")
+        shown_lines = [start, start + 1]
+    else:
+        closer = _CLOSERS[what]
+        if exc.at_end or starts_statement(here):
+            where = "before the file ends" if exc.at_end else f"before line {line}"
+            text = f"the {what} opened on line {start} is not closed {where} ({message})"
+        else:  # a mistake inside a well-formed multi-line array, e.g. a missing comma
+            text, at = f"{message} on line {line}, inside the {what} opened on line {start}", line
+        hint = (f"close the {what} with `{closer}`; items are separated by commas"
+                + (" (an array may span lines)" if what == "array" else
+                   " (an inline table is one line in TOML)"))
+    numbered = [n for n in dict.fromkeys(shown_lines) if 0 < n <= len(lines) and lines[n - 1].strip()]
+    snippet = "".join(f"\n   | {n}: {shown(lines[n - 1].strip())}" for n in numbered)
+    return TomlSyntaxError([Problem(TomlSyntaxError, f"invalid TOML: {text}{snippet}", key=".".join(exc.key) or None,
+                                    source=Source("file", shown_path, at), hint=hint)])
+
+
 def _layer(data: dict[str, Any], lines: dict[tuple[str, ...], int], shown_path: str, kind: SourceKind) -> Tree:
     chains = {path: (Source(kind, shown_path, line_of(lines, path)),) for path, _ in leaves(data)}
-    return Tree(data, chains)
+    headers = {path: Source(kind, shown_path, line) for path, line in lines.items()
+               if path not in chains and isinstance(_at(data, path), dict)}
+    return Tree(data, chains, headers)
+
+
+def _at(data: dict[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = data
+    for key in path:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(key)
+    return node
 
 
 @attrs.define
@@ -187,7 +268,7 @@ def load(ref: str | FsPath, *, kind: SourceKind = "file", relative_to: FsPath | 
          onto: Tree | None = None) -> Tree:
     """Load a recipe and everything it extends into one merged tree, merged onto `onto` (an
     overlay is merged straight onto the recipe, so its `_replace = true` tables replace)."""
-    return _load(resolve(ref, relative_to), kind, (), _Budget(), onto)
+    return _load(resolve(ref, relative_to, overlay=kind == "overlay"), kind, (), _Budget(), onto)
 
 
 def _chain(paths: tuple[FsPath, ...]) -> str:

@@ -22,10 +22,8 @@ from .estimate import (
     stage_params,
     total_params,
 )
-from .executors import rules as launch_rules
 from .hardware import ACCELERATORS
 from .schema import RecipeConfig
-from .schema.launch import env_key_display
 from .shell import script_text_problem
 from .tree import Tree
 from .validate import world_size
@@ -86,32 +84,13 @@ def torchrun_command(c: RecipeConfig, artifact: str, node_rank: str | int) -> tu
     )
 
 
-def script_problems(c: RecipeConfig, tree: Tree, artifact: str) -> list[Problem]:
-    """What must not reach the node command, the environment or a generated script (executors.rules),
-    and a build directory that cannot be written into one."""
-    problems = [
-        Problem(ValidationError, message, key=dotted_key(path), source=tree.source(path), hint=hint)
-        for path, message, hint in launch_rules(c)
-    ]
+def make_plan(c: RecipeConfig, tree: Tree, artifact: str) -> Plan:
+    """The plan for a derived, validated config (validate() has reported the launch rules with the
+    others); raises if the build directory cannot reach a script or the memory estimate does not fit."""
     problem = script_text_problem(artifact)
     if problem:
-        problems.append(Problem(ValidationError, f"the build directory {artifact!r} {problem}",
-                                hint="choose another directory with -o"))
-    return problems
-
-
-def dotted_key(path: tuple[str, ...]) -> str:
-    if path[:2] == ("launch", "env") and len(path) == 3:
-        return env_key_display(path[2])
-    return ".".join(path)
-
-
-def make_plan(c: RecipeConfig, tree: Tree, artifact: str) -> Plan:
-    """The plan for a derived, validated config; raises if a launch value cannot reach a script or
-    the memory estimate does not fit."""
-    problems = script_problems(c, tree, artifact)
-    if problems:
-        raise ValidationError(problems)
+        raise ValidationError([Problem(ValidationError, f"the build directory {artifact!r} {problem}",
+                                       hint="choose another directory with -o")])
     p, t = c.parallel, c.train
     world = world_size(c)
     dp = world // p.model_parallel_size

@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 
 from .schema import RecipeConfig
+from .schema._fields import is_free_table
 from .sources import describe_chain
 from .text import one_line
 from .tree import Tree
@@ -54,6 +55,8 @@ def toml_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
+        if not value:
+            return "{}"
         return "{ " + ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"cannot write {value!r} as TOML")
 
@@ -116,21 +119,39 @@ def resolved_toml(config: RecipeConfig, tree: Tree, header: str = "") -> str:
             lines.append(_line((field.name,), getattr(config, field.name), tree))
     for field in attrs.fields(RecipeConfig):
         if field.metadata.get("section"):
-            section = getattr(config, field.name)
-            lines += ["", f"[{field.name}]"]
-            for sub in attrs.fields(type(section)):
-                lines.append(_line((field.name, sub.name), getattr(section, sub.name), tree, sub))
+            lines += ["", *section_lines(config, tree, field.name)]
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
-def _line(path: tuple[str, ...], value: Any, tree: Tree, field: attrs.Attribute | None = None) -> str:
-    chain = tree.chains.get(path)
+def section_lines(config: RecipeConfig, tree: Tree, name: str) -> list[str]:
+    """`[name]` and its fields, each with its provenance. A free table that has entries
+    (`[launch.env]`) follows as a table of its own, one entry per line with the entry's own
+    provenance: an entry added by `+launch.env.X=1` or an overlay says so."""
+    section = getattr(config, name)
+    lines, tables = [f"[{name}]"], []
+    for sub in attrs.fields(type(section)):
+        value = getattr(section, sub.name)
+        if is_free_table(sub.type) and value:
+            tables += ["", f"[{name}.{toml_key(sub.name)}]"]
+            tables += [_line((name, sub.name, k), v, tree) for k, v in value.items()]
+        else:
+            lines.append(_line((name, sub.name), value, tree, sub))
+    return lines + tables
+
+
+def origin_of(path: tuple[str, ...], value: Any, tree: Tree, field: attrs.Attribute | None = None) -> str:
+    """Where a resolved value came from: its provenance chain, the derivation, or the default.
+    An entry of a free table without a chain of its own has its table's (a whole table set at once)."""
+    chain = tree.chains.get(path) or (tree.chains.get(path[:-1]) if field is None and len(path) > 2 else None)
     if chain:
-        origin = describe_chain(chain)
-    elif field is not None and field.metadata.get("derived") and value is not None:
-        origin = f"derived: {field.metadata['derived']}"
-    else:
-        origin = "default"
+        return describe_chain(chain)
+    if field is not None and field.metadata.get("derived") and value is not None:
+        return f"derived: {field.metadata['derived']}"
+    return "default"
+
+
+def _line(path: tuple[str, ...], value: Any, tree: Tree, field: attrs.Attribute | None = None) -> str:
+    origin = origin_of(path, value, tree, field)
     if value is None:
-        return f"# {path[-1]} = (unset)  {toml_comment(origin)}"
+        return f"# {toml_key(path[-1])} = (unset)  {toml_comment(origin)}"
     return f"{toml_key(path[-1])} = {toml_value(value)}  {toml_comment(origin)}"

@@ -15,7 +15,14 @@ from typing import Any
 
 import attrs
 
-from .errors import MAX_SHOWN, Problem, TypeMismatchError, UnknownKeyError, did_you_mean
+from .errors import (
+    MAX_SHOWN,
+    Problem,
+    TypeMismatchError,
+    UnknownKeyError,
+    closest,
+    did_you_mean,
+)
 from .schema import RecipeConfig
 from .schema._fields import check_value, is_free_table
 from .toml_read import TomlReadError, loads
@@ -170,8 +177,9 @@ def _unknown(tree: Tree, path: Path, siblings: list[str], hinted: bool = True) -
     recipe with 100k unknown keys) the hint is left out, as the fuzzy match is the slow part."""
     key = path[-1]
     where = f"[{path[0]}]" if len(path) > 1 else "the top level"
+    source = tree.header_source(path)  # an unknown table is named at its header line
     if not hinted:
-        return Problem(UnknownKeyError, f"unknown key `{key}` in {where}", key=dotted(path), source=tree.source(path))
+        return Problem(UnknownKeyError, f"unknown key `{key}` in {where}", key=dotted(path), source=source)
     hint = did_you_mean(key[:200], siblings)
     homes = [p for p in all_leaf_paths() if p[-1] == key and p != path]
     if len(path) > 1 and key in section_classes():
@@ -181,4 +189,35 @@ def _unknown(tree: Tree, path: Path, siblings: list[str], hinted: bool = True) -
         hint = f"`{key}` lives in [{homes[0][0]}]: write `{home}`" if len(homes[0]) > 1 else f"`{key}` is a top-level key"
     elif hint is None:
         hint = f"known keys here: {', '.join(sorted(siblings))}"
-    return Problem(UnknownKeyError, f"unknown key `{key}` in {where}", key=dotted(path), source=tree.source(path), hint=hint)
+    return Problem(UnknownKeyError, f"unknown key `{key}` in {where}", key=dotted(path), source=source, hint=hint)
+
+
+def key_hint(path: Path) -> str:
+    """How to fix a dotted key the schema does not have (`recipec explain`), as `build` would say
+    it, but naming whole dotted keys: did you mean `model.num_layers`?, `x` lives in [section]."""
+    sections = section_classes()
+    head = path[0][:200]
+    if len(path) == 1:
+        match = closest(head, [*sections, *TOP_LEVEL_ONLY])
+        homes = [p for p in all_leaf_paths() if p[-1] == head]
+        if homes:
+            return f"`{head}` lives in [{homes[0][0]}]: write `{dotted(homes[0])}`"
+        return f"did you mean `{match}`?" if match else "`recipec schema` lists every key"
+    if head not in sections:
+        section = closest(head, sections)
+        if section is not None and field_of((section, *path[1:])) is not None:
+            return f"did you mean `{dotted((section, *path[1:]))}`?"
+    elif len(path) == 2:
+        key = path[1][:200]
+        match = closest(key, [f.name for f in attrs.fields(sections[head])])
+        homes = [p for p in all_leaf_paths() if p[-1] == key and p[0] != head]
+        if match is not None:
+            return f"did you mean `{head}.{match}`?"
+        if homes:
+            return f"`{key}` lives in [{homes[0][0]}]: write `{dotted(homes[0])}`"
+    else:
+        value = next((path[:end] for end in range(len(path) - 1, 1, -1) if field_of(path[:end]) is not None), None)
+        if value is not None:
+            return f"`{dotted(value)}` is a value, not a table: explain `{dotted(value)}`"
+    match = closest(dotted(path)[:200], [dotted(p) for p in all_leaf_paths()])
+    return f"did you mean `{match}`?" if match else "`recipec schema` lists every key"

@@ -69,3 +69,8 @@ def key_at(text: str, line: int) -> Path:
         return _split_key(header.group(1))
     assign = _ASSIGN.match(here)
     return table + _split_key(assign.group(1)) if assign else table
+
+
+def starts_statement(line: str) -> bool:
+    """Whether `line` begins a `key = value` or a `[table]` header (not an array's next item)."""
+    return bool(_ASSIGN.match(line) or _HEADER.match(line))

@@ -29,6 +29,10 @@ class Tree:
 
     data: dict[str, Any] = attrs.field(factory=dict)
     chains: dict[Path, tuple[Source, ...]] = attrs.field(factory=dict)
+    # Where each table was opened in a file (`[name]` header, or `name = { ... }`; the last file to
+    # open it wins). Leaves carry the provenance; this only lets a message about a whole table
+    # (an unknown `[modle]`) name its header line.
+    headers: dict[Path, Source] = attrs.field(factory=dict)
 
     def get(self, path: Path, default: Any = None) -> Any:
         node: Any = self.data
@@ -55,6 +59,17 @@ class Tree:
             return min(newest, key=lambda s: s.line if s.line is not None else 0)
         return None
 
+    def header_source(self, path: Path) -> Source | None:
+        """Where the table `path` was opened (`[modle]`, the line of its header), when the same file
+        set the keys below it; else `source(path)`. For messages about a whole table."""
+        source = self.source(path)
+        header = self.headers.get(path)
+        if header is not None and (source is None or (
+                (header.kind, header.file) == (source.kind, source.file)
+                and (header.line or 0) <= (source.line or 0))):
+            return header
+        return source
+
 
 def leaves(data: dict[str, Any], prefix: Path = ()) -> list[tuple[Path, Any]]:
     out: list[tuple[Path, Any]] = []
@@ -72,7 +87,7 @@ def merge(base: Tree, layer: Tree) -> Tree:
     data = _copy(base.data)
     chains = dict(base.chains)
     _merge_into(data, layer.data, (), chains, layer.chains)
-    return Tree(data, chains)
+    return Tree(data, chains, {**base.headers, **layer.headers} if layer.headers else base.headers)
 
 
 def _merge_into(
@@ -148,4 +163,4 @@ def unset(tree: Tree, path: Path) -> Tree:
     if isinstance(node, dict):
         node.pop(path[-1], None)
     chains = {p: c for p, c in tree.chains.items() if p[: len(path)] != path}
-    return Tree(data, chains)
+    return Tree(data, chains, tree.headers)

@@ -13,7 +13,9 @@ from collections.abc import Callable, Iterator
 import attrs
 
 from .errors import Problem, ValidationError
+from .executors import rules as launch_rules
 from .schema import RecipeConfig
+from .schema.launch import env_key_display
 from .text import shown
 from .tree import Tree
 
@@ -233,14 +235,14 @@ def kernels(c: RecipeConfig) -> Iterator[Finding]:
                "stops on a non-finite gradient norm)"))
 
 
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 
 
 MAX_NAME = 128  # a file name is at most 255 bytes; build/<name> and runs/<name> add suffixes
 
 
 def naming(c: RecipeConfig) -> Iterator[Finding]:
-    if not _NAME.match(c.name) or c.name in (".", ".."):
+    if not _NAME.fullmatch(c.name) or c.name in (".", ".."):
         yield ("name", (f"name {shown(repr(c.name))} cannot be used: it names the build and run directories "
                "(build/<name>, runs/<name>) and the rendezvous id"),
                "use letters, digits, _ . + - (no spaces or slashes), e.g. name = \"my_llama\"")
@@ -269,11 +271,25 @@ def warnings_for(c: RecipeConfig) -> list[str]:
     return notes
 
 
+def dotted_key(path: tuple[str, ...]) -> str:
+    """A tree path as a message names it; an env entry whose name is not an identifier is quoted."""
+    if path[:2] == ("launch", "env") and len(path) == 3:
+        return env_key_display(path[2])
+    return ".".join(path)
+
+
 def validate(config: RecipeConfig, tree: Tree) -> Findings:
-    """Run every rule; errors point at the key's own file and line."""
+    """Run every rule, then the launch rules (shared [launch] checks and the executor's own:
+    executors.rules), so that one report holds every problem; errors point at the key's own
+    file and line. A key already reported by a rule is not reported again by a launch rule."""
     errors = []
     for rule in RULES:
         for key, message, hint in rule(config):
             source = tree.source(tuple(key.split(".")))
             errors.append(Problem(ValidationError, message, key=key, source=source, hint=hint))
+    reported = {p.key for p in errors}
+    for path, message, hint in launch_rules(config):
+        key = dotted_key(path)
+        if key not in reported:
+            errors.append(Problem(ValidationError, message, key=key, source=tree.source(path), hint=hint))
     return Findings(tuple(errors), tuple(warnings_for(config)))

@@ -25,3 +25,8 @@ MAX_FACTOR = 1e6  # RoPE scaling factor, LoRA alpha, gradient clip: real ones ar
 MAX_THETA = 1e12  # RoPE base; real ones are <= ~1e8
 MAX_SMALL = 10.0  # init std, norm epsilon and other numbers that are well below 1 in practice
 MAX_LOSS_SCALE = 2.0**64  # fp16 initial loss scale; Megatron's default is 2**32
+MAX_NODES = MAX_RANKS  # machines in one job (launch.nodes)
+MAX_PROCS_PER_NODE = 4096  # processes per machine; GPU nodes have <= 16, the largest CPU hosts ~1k cores
+MAX_RESTARTS = 10**6  # torchrun restarts after a failure; real runs allow a few to ~100
+MAX_GRACE_S = 65535  # seconds of warning before a SLURM kill: --signal's limit (sig_time <= 65535)
+MAX_ENV_STRING = 128 * 1024  # bytes of one NAME=value environment string, NUL included (Linux MAX_ARG_STRLEN)

@@ -16,7 +16,15 @@ from ..executors import EXECUTORS
 from ..hardware import ACCELERATORS
 from ..shell import is_identifier, script_text_problem
 from ._fields import option
-from .bounds import MAX_FACTOR, MAX_WIDTH
+from .bounds import (
+    MAX_ENV_STRING,
+    MAX_FACTOR,
+    MAX_GRACE_S,
+    MAX_NODES,
+    MAX_PROCS_PER_NODE,
+    MAX_RESTARTS,
+    MAX_WIDTH,
+)
 
 # Environment names a recipe may not set, and why: each would let data run code, load code
 # no one asked for, unpickle a checkpoint, or take over a variable the scripts set themselves.
@@ -48,8 +56,9 @@ REFUSED_ENV: dict[str, str] = {
 class LaunchConfig:
     """Machines, processes and the scheduler that starts them."""
 
-    nodes: int = option(1, "Machines.", min=1)
-    gpus_per_node: int = option(8, "Processes per machine (GPUs; CPU processes without GPU).", min=1)
+    nodes: int = option(1, "Machines.", min=1, max=MAX_NODES)
+    gpus_per_node: int = option(8, "Processes per machine (GPUs; CPU processes without GPU).", min=1,
+                                max=MAX_PROCS_PER_NODE)
     executor: str = option("local", "local: torchrun here; slurm: an sbatch job.", choices=tuple(EXECUTORS))
     master_addr: str = option("127.0.0.1", "Rendezvous host for local multi-node runs.")
     master_port: int = option(29500, "Rendezvous port.", min=1, max=65535)
@@ -57,14 +66,15 @@ class LaunchConfig:
         "H100-80GB", "What each process runs on; sets the memory budget and the MFU peak.",
         choices=tuple(ACCELERATORS),
     )
-    max_restarts: int = option(0, "torchrun restarts after a failure (resume from checkpoint).", min=0)
+    max_restarts: int = option(0, "torchrun restarts after a failure (resume from checkpoint).", min=0,
+                               max=MAX_RESTARTS)
     output_dir: str = option("runs/{name}", "Run directory; {name} is the recipe name.")
     slurm_account: str | None = option(None, "SLURM account (-A).")
     slurm_partition: str | None = option(None, "SLURM partition (-p).")
     slurm_time: str = option("04:00:00", "SLURM time limit.")
     slurm_exclusive: bool = option(True, "Ask SLURM for whole nodes.")
     slurm_requeue: bool = option(True, "Requeue after preemption; the run resumes from its checkpoint.")
-    preempt_grace_s: int = option(120, "Seconds between the warning signal and the kill.", min=0)
+    preempt_grace_s: int = option(120, "Seconds between the warning signal and the kill.", min=0, max=MAX_GRACE_S)
     container_image: str | None = option(None, "Container image for srun (pyxis).")
     container_mounts: tuple[str, ...] = option((), "src:dst mounts for the container.")
     env: dict[str, str] = option({}, "Extra environment variables for every rank.")
@@ -73,6 +83,11 @@ class LaunchConfig:
 def env_key_display(name: str) -> str:
     """How an env entry's key reads in a message: launch.env.NCCL_DEBUG, or quoted when it is not a name."""
     return f"launch.env.{name}" if is_identifier(name) else f"launch.env.{json.dumps(name)}"
+
+
+def env_string_bytes(name: str, value: str) -> int:
+    """Bytes of `NAME=value` in a process's environment, the terminating NUL included."""
+    return len(name.encode("utf-8", "surrogatepass")) + len(value.encode("utf-8", "surrogatepass")) + 2
 
 
 def _texts(value: object) -> list[str]:
@@ -104,6 +119,11 @@ def launch_rules(launch: LaunchConfig) -> Iterator[tuple[tuple[str, ...], str, s
         problem = script_text_problem(value)
         if problem:
             yield (path, f"the value {value!r} {problem}", "write it on one line, without control characters")
+        size = env_string_bytes(name, value)
+        if size > MAX_ENV_STRING:
+            yield (path, (f"the entry is {size:,} bytes as an environment string (NAME=value, name "
+                          f"{len(name):,} characters); Linux refuses one over {MAX_ENV_STRING:,} bytes (128 KiB), "
+                          "so no rank could start"), "pass large data in a file, and the file's path in the variable")
 
 
 @attrs.frozen

@@ -130,3 +130,16 @@ def test_build_writes_the_sbatch_script_for_slurm_recipes_only(in_tmp: Path) -> 
     assert "#SBATCH --nodes=1" in script and "#SBATCH --signal=B:USR1@" in script
     assert runner.invoke(main, ["build", "llama3_8b", "-o", "out"]).exit_code == 0
     assert not (in_tmp / "out" / "job.sbatch").exists()
+
+
+def test_a_reader_that_stops_early_is_not_an_error(in_tmp: Path) -> None:
+    """`recipec diff A B | head -1`: the closed pipe ends the command quietly with exit 0."""
+    import subprocess
+    import sys
+
+    script = (f"{sys.executable} -m recipec.compiler.cli diff llama3_8b llama3_tiny | head -1; "
+              "exit ${PIPESTATUS[0]}")
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "error" not in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stdout.count("\n") == 1

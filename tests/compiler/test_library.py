@@ -183,7 +183,7 @@ def test_diff_llama3_vs_llama31_shows_only_real_differences() -> None:
     assert result.exit_code == 0, result.output
     keys = {line.split()[0] for line in result.output.splitlines() if line.strip()}
     assert keys == {"description", "model.max_position_embeddings", "model.rope_scaling"}, result.output
-    assert "'llama3'" in result.output and "131072" in result.output
+    assert '(unset)  ->  "llama3"' in result.output and "131072" in result.output
     for same in ("model.hidden_size", "model.rope_scaling_factor", "parallel.", "train.", "name"):
         assert not any(k.startswith(same) for k in keys)
 

@@ -178,7 +178,7 @@ def test_explain_shows_provenance(in_tmp: Path) -> None:
     assert ("set by:  tests/compiler/data/mixins/cpu_short.toml:3, overridden by overlay o.toml:2, "
             "overridden by CLI 'train.train_iters=70'") in text
     assert "default: 1000" in text and "help:    Optimizer steps to run." in text
-    assert "allowed: 'RMSNorm', 'LayerNorm'" in c.explain("model.normalization")
+    assert 'allowed: "RMSNorm", "LayerNorm"' in c.explain("model.normalization")
     assert "set by:  default" in c.explain("train.seed") or "set by:  default" in c.explain("train.torch_compile")
     result = CliRunner().invoke(main, ["explain", str(SMALL), "model.kv_channels", "model.hidden_size=256"])
     assert result.exit_code == 0, result.output
