@@ -4,16 +4,20 @@
 The runtime rebuilds the frozen RecipeConfig through the compiler's own schema
 check, recomputes the fingerprint, and refuses an artifact that was edited
 after `recipec build` (or written by another artifact version).
+
+Everything in the file is treated as untrusted input: bytes that are not UTF-8, JSON that is
+not an object, NaN/Infinity, nesting deeper than any artifact has, or plan fields of the wrong
+type are ArtifactErrors that name the file and say to rebuild, never a traceback.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import attrs
-
 from recipec.compiler.api import ARTIFACT_VERSION
 from recipec.compiler.errors import ArtifactError, RecipeError
 from recipec.compiler.render import config_to_dict, fingerprint
@@ -30,6 +34,15 @@ class Artifact:
     fingerprint: str
 
 
+MAX_BYTES = 64 * 1024 * 1024  # a real plan.json is a few KB; anything this big is not one
+MAX_DEPTH = 32  # a real plan.json nests 4 levels deep
+# Plan fields the runtime reads, and the type each must have (the compiler wrote them so).
+PLAN_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "padded_vocab_size": int, "microbatches_per_step": int, "world_size": int, "data_parallel_size": int,
+    "tokens_per_step": int, "flops_per_step": int, "peak_tflops": (int, float),
+}
+
+
 def load_artifact(directory: str | Path) -> Artifact:
     """Load and verify BUILD_DIR/plan.json (a path to the file itself also works)."""
     path = Path(directory)
@@ -37,10 +50,7 @@ def load_artifact(directory: str | Path) -> Artifact:
         path = path / "plan.json"
     if not path.is_file():
         raise ArtifactError(f"no compiled artifact at {path}; run `recipec build RECIPE -o {path.parent}` first")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path} is not a readable plan.json ({exc}); rebuild it with `recipec build`") from None
+    data = read_plan_json(path)
     if data.get("artifact_version") != ARTIFACT_VERSION:
         raise ArtifactError(f"{path} has artifact version {data.get('artifact_version')!r}, this runtime reads "
                             f"{ARTIFACT_VERSION}; rebuild it with `recipec build`")
@@ -54,6 +64,7 @@ def load_artifact(directory: str | Path) -> Artifact:
             f"{path} was modified after it was compiled: fingerprint {stored} does not match its content "
             f"({actual}); edit the recipe and run `recipec build` again instead of editing plan.json"
         )
+    _check_plan(path, plan)
     tree = Tree({k: _strip_none(v) for k, v in config_data.items() if v is not None})
     config, problems = structure(tree)
     if config is None:
@@ -61,6 +72,67 @@ def load_artifact(directory: str | Path) -> Artifact:
     if config_to_dict(config) != config_data:
         raise ArtifactError(f"{path} does not round-trip through this recipec's schema; rebuild it")
     return Artifact(path.parent, config, plan, actual)
+
+
+def read_plan_json(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`, or an ArtifactError saying what is wrong with the file and where."""
+    rebuild = "rebuild it with `recipec build`"
+    try:
+        size = path.stat().st_size
+        if size > MAX_BYTES:
+            raise ArtifactError(f"{path} is {size:,} bytes, not a plan.json (those are a few KB); {rebuild}")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {path}: {exc.strerror or exc}; {rebuild}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); {rebuild}") from None
+    try:
+        data = json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                            f"{rebuild}") from None
+    except ValueError as exc:  # NaN / Infinity, refused by _no_constant
+        raise ArtifactError(f"{path}: {exc}; {rebuild}") from None
+    except RecursionError:
+        raise ArtifactError(f"{path} nests JSON deeper than Python can read; {rebuild}") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path} holds a JSON {type(data).__name__}, not the object `recipec build` "
+                            f"writes; {rebuild}")
+    if _depth(data) > MAX_DEPTH:
+        raise ArtifactError(f"{path} nests JSON more than {MAX_DEPTH} levels deep (a plan.json nests a few); {rebuild}")
+    return data
+
+
+def _no_constant(name: str) -> Any:
+    """json's hook for NaN/Infinity: the compiler never writes them (its JSON is strict)."""
+    raise ValueError(f"{name} is not a value `recipec build` writes (plan.json is strict JSON)")
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion (so a deep value cannot exhaust the stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        if level > MAX_DEPTH:
+            break
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, level + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+def _check_plan(path: Path, plan: dict[str, Any]) -> None:
+    """The plan fields the runtime reads have the types the compiler writes (bool is not an int here)."""
+    for key, kind in PLAN_FIELDS.items():
+        value = plan.get(key)
+        ok = isinstance(value, kind) and not isinstance(value, bool)
+        if ok and isinstance(value, float):
+            ok = math.isfinite(value)
+        if not ok or (kind is int and value <= 0):
+            raise ArtifactError(f"{path}: plan.{key} = {value!r} is not what `recipec build` writes "
+                                f"(a positive {getattr(kind, '__name__', 'number')}); rebuild it with `recipec build`")
 
 
 def _strip_none(value: Any) -> Any:

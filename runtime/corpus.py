@@ -5,19 +5,27 @@ ships: the docstrings of a fixed list of Python standard-library modules
 (several MB of prose about programming), so the CPU main job learns something
 measurable with no download. Any other path is a UTF-8 text file; blank lines
 separate documents.
+
+Packs are cached under the run's data directory, named by the content they were made from
+(runtime/cache.py): the corpus file's content key (for the built-in corpus, the Python version
+whose docstrings it is) and the tokenizer's identity. A corpus edited between two runs is packed
+again; an unchanged one, even copied or touched, is not.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import inspect
-import os
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+from recipec.compiler.errors import Problem, RecipeError
+
+from .cache import build_once, content_key, short_hash, temp_path
 
 BUILTIN = "builtin:tiny_corpus"
 _MODULES = (
@@ -55,29 +63,75 @@ def builtin_documents() -> list[str]:
     return documents
 
 
+class CorpusError(RecipeError):
+    """A text corpus that cannot be packed: unreadable, not UTF-8, or without any text."""
+
+
+def _corpus_error(path: str, what: str, hint: str) -> CorpusError:
+    return CorpusError([Problem(CorpusError, f"{path}: {what}", key="data.paths", hint=hint)])
+
+
 def read_documents(path: str) -> list[str]:
+    """The documents of a corpus (blank lines separate them); a CorpusError for a file that has none."""
     if path == BUILTIN:
         return builtin_documents()
-    text = Path(path).read_text(encoding="utf-8")
-    return [doc.strip() for doc in text.split("\n\n") if doc.strip()]
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise _corpus_error(path, f"cannot read the text file ({exc.strerror})",
+                            "paths are relative to the directory the run starts in") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise _corpus_error(path, f"line {line}: not UTF-8 text ({exc.reason} at byte {exc.start})",
+                            "data.kind = \"text\" reads UTF-8 text files; for binary token files use "
+                            "data.kind = \"indexed\" (PREFIX.bin + PREFIX.idx)") from None
+    documents = [doc.strip() for doc in text.split("\n\n") if doc.strip()]
+    if not documents:
+        raise _corpus_error(path, f"no text to train on ({len(raw)} bytes, all blank)",
+                            "give data.paths files with text in them (blank lines separate documents)")
+    return documents
 
 
-def pack(path: str, tokenizer: object, cache_dir: Path) -> str:
-    """The indexed-dataset prefix for `path`, building it once (atomically) if needed."""
-    ident = hashlib.sha256(f"{path}|{sorted(tokenizer.unique_identifiers.items())}".encode()).hexdigest()[:12]  # type: ignore[attr-defined]
+def source_key(path: str) -> str:
+    """What a pack of `path` depends on besides the tokenizer (runtime/cache.py's content key)."""
+    if path == BUILTIN:  # its text is the docstrings of this Python's standard library
+        return f"builtin|{sys.version}|{short_hash(*_MODULES)}"
+    try:
+        return content_key(path)
+    except OSError as exc:
+        raise _corpus_error(path, f"cannot read the text file ({exc.strerror})",
+                            "paths are relative to the directory the run starts in") from None
+
+
+def pack(path: str, tokenizer: Any, cache_dir: Path) -> str:
+    """The indexed-dataset prefix of `path`'s tokens, packed once per content and tokenizer."""
+    ident = short_hash(source_key(path), sorted(tokenizer.unique_identifiers.items()))
     stem = "tiny_corpus" if path == BUILTIN else Path(path).stem
     prefix = cache_dir / f"{stem}_{ident}_text_document"
-    if Path(f"{prefix}.idx").exists() and Path(f"{prefix}.bin").exists():
-        return str(prefix)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".{prefix.name}.{os.getpid()}"
-    vocab = tokenizer.vocab_size  # type: ignore[attr-defined]
-    builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=numpy.uint16 if vocab < 65500 else numpy.int32)
-    for document in read_documents(path):
-        ids = tokenizer.tokenize(document) + [tokenizer.eod]  # type: ignore[attr-defined]
-        builder.add_item(torch.tensor(ids, dtype=torch.int64))
-        builder.end_document()
-    builder.finalize(f"{tmp}.idx")
-    os.replace(f"{tmp}.bin", f"{prefix}.bin")
-    os.replace(f"{tmp}.idx", f"{prefix}.idx")
+    bin_path, idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
+
+    def ready() -> bool:
+        return idx_path.exists() and bin_path.exists()
+
+    def build() -> None:
+        documents = read_documents(path)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = temp_path(prefix)
+        try:
+            vocab = tokenizer.vocab_size
+            builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=numpy.uint16 if vocab < 65500 else numpy.int32)
+            for document in documents:
+                ids = tokenizer.tokenize(document) + [tokenizer.eod]
+                builder.add_item(torch.tensor(ids, dtype=torch.int64))
+                builder.end_document()
+            builder.finalize(f"{tmp}.idx")
+            Path(f"{tmp}.bin").replace(bin_path)
+            Path(f"{tmp}.idx").replace(idx_path)  # last: the pair is complete once the .idx exists
+        finally:  # a failed build (a full disk) leaves no half-written temporaries behind
+            for leftover in (Path(f"{tmp}.bin"), Path(f"{tmp}.idx")):
+                leftover.unlink(missing_ok=True)
+
+    build_once(ready, build)
     return str(prefix)

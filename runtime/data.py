@@ -10,6 +10,7 @@ would have read.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,9 @@ def build_datasets(c: RecipeConfig, tokenizer: Any, cache_dir: Path) -> tuple[An
         eod_mask_loss=False,
         create_attention_mask=False,
     )
+    if prefixes:
+        shown = list(d.paths) if d.kind == "text" else prefixes  # name the user's files, not the packs
+        _check_splits(prefixes, shown, config.split_matrix, sizes, d.split)
     cls = GPTDataset if prefixes else MockGPTDataset
     train, valid, _ = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
     return train, valid
@@ -82,6 +86,37 @@ def _require(missing: list[str], what: str) -> None:
     if missing:
         raise RecipeError([Problem(RecipeError, f"no {what} at {', '.join(map(repr, missing))}", key="data.paths",
                                    hint="paths are relative to the directory the run starts in")])
+
+
+def _check_splits(prefixes: list[str], shown: list[str], matrix: list[tuple[float, float] | None] | None,
+                  sizes: list[int], split: str) -> None:
+    """Every split the run draws from gets at least one sequence of every prefix.
+
+    Megatron-Core splits each dataset by sequence index (round(begin * n) .. round(end * n)); a
+    split that is asked for samples but has no sequences makes its epoch count loop forever
+    (GPTDataset._get_num_epochs), so a corpus too small for data.split would hang the run.
+    """
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    for prefix, name_shown in zip(prefixes, shown):
+        try:
+            n = int(IndexedDataset(prefix).sequence_lengths.shape[0])
+        except Exception as exc:  # noqa: BLE001 - a damaged .idx fails in many ways; all are the file's
+            raise RecipeError([Problem(RecipeError, f"{prefix}.idx is not a readable Megatron indexed dataset "
+                                       f"({type(exc).__name__}: {exc})", key="data.paths",
+                                       hint="rebuild it with Megatron's preprocess_data.py, or use data.kind "
+                                            "= \"text\"")]) from None
+        for (name, size), bounds in zip(zip(("train", "valid", "test"), sizes), matrix or []):
+            if bounds is None or not size:
+                continue
+            count = round(bounds[1] * n) - round(bounds[0] * n)
+            if count < 1:
+                raise RecipeError([Problem(
+                    RecipeError, f"{name_shown} has {n} sequence(s), and data.split={split!r} leaves the {name} split "
+                    f"none of them", key="data.split",
+                    hint=f"add text (blank lines separate documents; the {name} split needs about "
+                         f"{math.ceil(1 / max(bounds[1] - bounds[0], 1e-9))} of them), or give the {name} split "
+                         "more weight in data.split")])
 
 
 def _collate(samples: list[Batch]) -> Batch:

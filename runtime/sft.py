@@ -29,26 +29,31 @@ The examples of all files are concatenated, shuffled with `train.seed` and split
 valid / test by `data.split`; each epoch over a split is shuffled again (seed + epoch), so
 sample i of a split is a pure function of (data, tokenizer, seq_length, seed, i) and resume by
 step stays exact. Tokenized files are cached under the run's data directory (or
-`data.cache_dir`): rank 0 builds, the others wait and read the same file.
+`data.cache_dir`), named by the file's content key, the tokenizer's identity (its files' content
+for an HF tokenizer) and seq_length (runtime/cache.py): an edited file is tokenized again, an
+unchanged copy is not. Rank 0 builds, the others wait and read the same file; a cache entry that
+cannot be read back is rebuilt. Cache files are plain .npz arrays, loaded with allow_pickle=False.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy
 import torch
-
 from recipec.compiler.errors import RecipeError
+
+from .cache import build_once, content_key, short_hash, temp_path
 
 log = logging.getLogger("recipec.runtime")
 
-_VERSION = 1  # bump when the cached arrays change meaning
+_VERSION = 2  # bump when the cached arrays or their key change meaning
+_ARRAYS = ("ids", "target", "offsets", "lines", "truncated", "dropped")
 
 
 class SFTDataError(RecipeError):
@@ -85,7 +90,11 @@ def _render_messages(path: str, line: int, messages: list[dict[str, str]], token
         return ids, target
 
     def render(upto: int, generation_prompt: bool) -> list[int]:
-        out = hf.apply_chat_template(messages[:upto], tokenize=True, add_generation_prompt=generation_prompt)
+        try:
+            out = hf.apply_chat_template(messages[:upto], tokenize=True, add_generation_prompt=generation_prompt)
+        except Exception as exc:  # noqa: BLE001 - the template's own checks (jinja2 raise_exception, ...)
+            raise _fail(path, line, f"the tokenizer's chat template refused this conversation "
+                        f"({type(exc).__name__}: {exc})") from None
         if isinstance(out, dict) or hasattr(out, "input_ids"):  # BatchEncoding in newer transformers
             out = out["input_ids"]
         return [int(i) for i in out]
@@ -113,6 +122,9 @@ def parse_line(path: str, line: int, text: str, tokenizer: Any) -> tuple[list[in
         record = json.loads(text)
     except json.JSONDecodeError as exc:
         raise _fail(path, line, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise _fail(path, line, "JSON nested deeper than Python can read; a record is an object of strings "
+                    "(and a list of message objects)") from None
     if not isinstance(record, dict):
         raise _fail(path, line, f"expected a JSON object, got {type(record).__name__}")
     if "messages" in record:
@@ -181,51 +193,62 @@ def tokenize_file(path: str, tokenizer: Any, seq_length: int) -> dict[str, Any]:
 
 
 def _cache_path(path: str, tokenizer: Any, seq_length: int, cache_dir: Path) -> Path:
-    st = os.stat(path)
-    key = f"{_VERSION}|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{seq_length}|" \
-          f"{sorted(tokenizer.unique_identifiers.items())}"
-    return cache_dir / f"{Path(path).stem}_{hashlib.sha256(key.encode()).hexdigest()[:12]}_sft.npz"
+    """Named by what the arrays depend on: the file's content, the tokenizer, seq_length (not the path)."""
+    ident = short_hash(_VERSION, content_key(path), seq_length, sorted(tokenizer.unique_identifiers.items()))
+    return cache_dir / f"{Path(path).stem}_{ident}_sft.npz"
 
 
 def _build_cache(path: str, tokenizer: Any, seq_length: int, target: Path) -> None:
-    if target.exists():
-        return
     arrays = tokenize_file(path, tokenizer, seq_length)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.npz")
-    numpy.savez(tmp, **arrays)
-    os.replace(tmp, target)
+    tmp = temp_path(target, ".npz")
+    try:
+        numpy.savez(tmp, **arrays)
+        os.replace(tmp, target)
+    finally:  # a failed write (a full disk) leaves no half-written temporary behind
+        tmp.unlink(missing_ok=True)
+
+
+def _read_cache(target: Path) -> dict[str, Any] | None:
+    """The arrays of a cache entry, or None if it is missing or cannot be read back (then rebuilt)."""
+    try:
+        with numpy.load(target, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+    return arrays if set(arrays) == set(_ARRAYS) else None
 
 
 def load_tokenized(paths: list[str], tokenizer: Any, seq_length: int, cache_dir: Path) -> list[dict[str, Any]]:
     """The tokenized arrays of each file; built once by rank 0 (errors raised on every rank)."""
-    import torch.distributed as dist
-
     for p in paths:
         if not os.path.isfile(p):
             raise SFTDataError(f"sft data file {p} does not exist (data.paths)")
-    targets = [_cache_path(p, tokenizer, seq_length, cache_dir) for p in paths]
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    error: list[str | None] = [None]
-    if not distributed or dist.get_rank() == 0:
-        try:
-            for p, t in zip(paths, targets):
+    try:
+        targets = [_cache_path(p, tokenizer, seq_length, cache_dir) for p in paths]
+    except OSError as exc:
+        raise SFTDataError(f"cannot read sft data file {exc.filename}: {exc.strerror}") from None
+
+    def ready() -> bool:
+        return all(t.exists() for t in targets)
+
+    def build() -> None:
+        for p, t in zip(paths, targets):
+            if not t.exists():
                 _build_cache(p, tokenizer, seq_length, t)
-        except Exception as exc:  # tell the waiting ranks, then fail here with the original error
-            error[0] = str(exc) if isinstance(exc, RecipeError) else f"rank 0 could not build the sft cache: {exc!r}"
-            if distributed:
-                dist.broadcast_object_list(error, src=0)
-            raise
-    if distributed:  # (rank 0 got here only without an error)
-        dist.broadcast_object_list(error, src=0)  # also the barrier: rank 0 has finished writing
-        if error[0] is not None:
-            raise SFTDataError(error[0])
+
+    build_once(ready, build)
     out = []
     for p, t in zip(paths, targets):
-        if not t.exists():  # a node that does not share rank 0's filesystem
+        arrays = _read_cache(t)
+        if arrays is None:  # damaged on disk: this rank tokenizes again (and replaces the entry)
+            log.warning(f"sft cache {t} could not be read back; tokenizing {p} again")
             _build_cache(p, tokenizer, seq_length, t)
-        with numpy.load(t) as z:
-            out.append({k: z[k] for k in z.files})
+            arrays = _read_cache(t)
+            if arrays is None:
+                raise SFTDataError(f"cannot write a readable sft cache at {t}; check that directory "
+                                   "(data.cache_dir) and its file system")
+        out.append(arrays)
     return out
 
 

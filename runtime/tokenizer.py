@@ -4,11 +4,17 @@ unique_identifiers, tokenize/detokenize).
 `byte`: UTF-8 bytes 0..255 and end-of-text 256, needs nothing on disk, so the CPU
 main job trains on real text with no download. `huggingface`: a local tokenizer
 directory through transformers (offline). `null`: ids are the data (mock runs).
+
+`unique_identifiers` names a tokenizer in data cache keys (text packs, SFT caches, Megatron's
+index caches), so it says what the token ids depend on: for an HF directory, the content of its
+files, not just its path (a tokenizer replaced in place must not reuse the old packs).
 """
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 from recipec.compiler.schema import RecipeConfig
@@ -75,7 +81,15 @@ class HFTokenizer:
 
     @property
     def unique_identifiers(self) -> OrderedDict:
-        return OrderedDict({"class": "recipec.HFTokenizer", "path": self.path})
+        return OrderedDict({"class": "recipec.HFTokenizer", "path": self.path, "content": self._content})
+
+    @functools.cached_property
+    def _content(self) -> str:
+        """Content keys of the directory's files (tokenizer.json, vocab, merges, config, chat template)."""
+        from .cache import content_key, short_hash
+
+        files = sorted(p for p in Path(self.path).iterdir() if p.is_file()) if Path(self.path).is_dir() else []
+        return short_hash(*(f"{p.name}={content_key(p)}" for p in files))
 
 
 def build_tokenizer(c: RecipeConfig) -> ByteTokenizer | NullTokenizer | HFTokenizer:

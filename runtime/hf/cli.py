@@ -1,12 +1,19 @@
-"""`recipec convert ...`: imported by compiler/cli.py only when the command runs (it needs torch)."""
+"""`recipec convert ...`: imported by compiler/cli.py only when the command runs (it needs torch).
+
+The boundary is the CLI's (`_user_errors`: a RecipeError or a file-caused error is one message and
+exit 2, a bug keeps its traceback); what convert reads (config.json, the safetensors index and
+shards, checkpoints) is validated where it is read (runtime/hf/reader.py, mappings.py, convert.py).
+Before anything is read, `main` makes every checkpoint load weights-only (runtime/safe_load.py).
+"""
 
 from __future__ import annotations
 
-
 import click
-
-
-from recipec.compiler.cli import _files, _overrides, _user_errors  # the CLI's one set of conventions
+from recipec.compiler.cli import (  # the CLI's one set of conventions
+    _files,
+    _overrides,
+    _user_errors,
+)
 from recipec.compiler.errors import RecipeError
 
 
@@ -63,6 +70,9 @@ def _size(text: str) -> int:
 
 
 def main(args: list[str], prog_name: str = "recipec convert") -> int:
+    from recipec.runtime.safe_load import install
+
+    install()  # weights-only torch.load and data-only DCP metadata, before any checkpoint is read
     try:
         convert.main(args=args, prog_name=prog_name, standalone_mode=True)
     except SystemExit as exc:

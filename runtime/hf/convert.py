@@ -22,19 +22,24 @@ import logging
 import os
 import shutil
 import socket
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
-
-from recipec.compiler.errors import RecipeError
-from recipec.compiler.hf_import import hf_config, model_fields, read_hf_config, tokenizer_files
+from recipec.compiler.hf_import import (
+    hf_config,
+    model_fields,
+    read_hf_config,
+    tokenizer_files,
+)
 from recipec.compiler.schema import RecipeConfig
 
-from .mappings import ArchMapping, Shape, canonical_name
+from .mappings import ArchMapping, MappingError, Shape, canonical_name
+from .reader import HFConvertError, HFReader, is_hf_dir
 
 log = logging.getLogger("recipec.runtime")
 
@@ -44,46 +49,6 @@ _PRECISION_OF = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 _MUST_MATCH = ("architecture", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                "num_query_groups", "kv_channels", "vocab_size", "share_embeddings_and_output_weights",
                "qk_layernorm", "add_qkv_bias", "num_moe_experts", "moe_ffn_hidden_size")
-
-
-class HFConvertError(RecipeError):
-    """An HF directory or checkpoint that does not fit the recipe."""
-
-
-def is_hf_dir(path: str | Path) -> bool:
-    """A Hugging Face model directory (config.json + safetensors), not a recipec checkpoint root."""
-    p = Path(path)
-    return (p / "config.json").is_file() and any(p.glob("*.safetensors"))
-
-
-# ---------------------------------------------------------------- reading HF
-class HFReader:
-    """Tensor-by-tensor access to a local safetensors model (single file or index)."""
-
-    def __init__(self, directory: str | Path) -> None:
-        from safetensors import safe_open
-
-        self.directory = Path(directory)
-        index = self.directory / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(p.name for p in self.directory.glob("*.safetensors"))
-            if not files:
-                raise HFConvertError(f"{self.directory} holds no *.safetensors weights (pytorch_model.bin is not read)")
-            weight_map = {}
-        self._handles = {f: safe_open(str(self.directory / f), framework="pt", device="cpu") for f in files}
-        if not weight_map:
-            for f, h in self._handles.items():
-                weight_map.update({k: f for k in h.keys()})
-        self.weight_map: dict[str, str] = weight_map
-
-    def get(self, name: str) -> torch.Tensor:
-        file = self.weight_map.get(name)
-        if file is None:
-            raise HFConvertError(f"{self.directory}: tensor {name!r} is missing from the safetensors files")
-        return self._handles[file].get_tensor(name)
 
 
 def model_shape(c: RecipeConfig, padded_vocab: int) -> Shape:
@@ -107,7 +72,10 @@ def check_hf_matches(hf_dir: Path, c: RecipeConfig) -> None:
 # ---------------------------------------------------------------- filling a model
 def _sharded_tensors(sd: dict[str, Any]) -> Iterator[Any]:
     """Every ShardedTensor of a model's sharded_state_dict, factories (fused fc1) expanded."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    from megatron.core.dist_checkpointing.mapping import (
+        ShardedTensor,
+        ShardedTensorFactory,
+    )
 
     stack = list(sd.values())
     while stack:
@@ -145,7 +113,10 @@ def load_hf_into_chunks(hf_dir: str | Path, chunks: Sequence[Any], c: RecipeConf
                 ident = (sh.key, prefix)
                 if cache is None or cache[0] != ident:  # fused fc1 arrives as two views of one tensor
                     name = canonical_name(sh.key, prefix)
-                    full = mapping.to_mcore(name, reader.get)
+                    try:
+                        full = mapping.to_mcore(name, reader.get)
+                    except MappingError as exc:
+                        raise HFConvertError(f"{hf_dir}: {exc}") from None
                     want = tuple(sh.global_shape[sh.prepend_axis_num:])
                     if tuple(full.shape) != want:
                         raise HFConvertError(f"{name}: the HF weights give shape {tuple(full.shape)}, the model "
@@ -229,7 +200,6 @@ def _init_model_parallel(c: RecipeConfig) -> RecipeConfig:
     """Model-parallel groups for this conversion: the recipe's layout under torchrun, TP=PP=1 alone."""
     import attrs
     from megatron.core import parallel_state, tensor_parallel
-
     from recipec.runtime.model import init_model_parallel
 
     world = dist.get_world_size()
@@ -251,7 +221,6 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, recipe: str | None = Non
                 files: Sequence[str] = ()) -> Path:
     """Write a recipec dist checkpoint of the HF model at hf_dir under `out`; returns the step directory."""
     from megatron.core import dist_checkpointing, parallel_state
-
     from recipec.runtime import checkpoint as ckpt
     from recipec.runtime.model import build_model_chunks
 
@@ -322,6 +291,27 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise HFConvertError(f"{p} holds no recipec/Megatron dist checkpoint (no `latest`, no iter_*/)")
 
 
+@contextmanager
+def _reading(step_dir: Path) -> Iterator[None]:
+    """A checkpoint that cannot be read is the file's fault: one HFConvertError naming it.
+
+    Covers torch DCP's CheckpointException (a BaseException, so `except Exception` misses it),
+    Megatron's CheckpointingException, a refused pickle (runtime/safe_load.py) and plain I/O."""
+    import pickle
+
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from recipec.runtime.safe_load import refusal
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except (CheckpointException, CheckpointingException, pickle.UnpicklingError, OSError, EOFError, ValueError) as exc:
+        text = str(exc).strip()
+        detail = refusal(exc) or (text.splitlines()[0] if text else type(exc).__name__)
+        raise HFConvertError(f"{step_dir} cannot be read as a dist checkpoint ({type(exc).__name__}: {detail[:300]}); "
+                             "is it damaged, or not a recipec/Megatron checkpoint?") from None
+
+
 def _prepend_axes(key: str) -> int:
     if not key.startswith("decoder.layers."):
         return 0
@@ -386,7 +376,8 @@ def mcore_to_hf(ckpt_dir: str | Path, out: str | Path, *, recipe: str, overrides
         if dist.get_world_size() != 1:
             raise HFConvertError("mcore-to-hf runs as one process (it reads the checkpoint layer by layer); "
                                  "start it without torchrun")
-        metadata = dist_checkpointing.load_tensors_metadata(str(step_dir))
+        with _reading(step_dir):
+            metadata = dist_checkpointing.load_tensors_metadata(str(step_dir))
         model_keys = {k: v for k, v in metadata.items()
                       if k.split(".")[0] in ("embedding", "decoder", "output_layer") and not k.endswith("_extra_state")}
         emb = model_keys.get("embedding.word_embeddings.weight")
@@ -404,7 +395,8 @@ def mcore_to_hf(ckpt_dir: str | Path, out: str | Path, *, recipe: str, overrides
             meta = model_keys[key]
             whole = ShardedTensor.from_rank_offsets(key, torch.empty(tuple(meta.global_shape), dtype=meta.dtype),
                                                     replica_id=0)
-            tensor = dist_checkpointing.load({"t": whole}, str(step_dir))["t"]
+            with _reading(step_dir):
+                tensor = dist_checkpointing.load({"t": whole}, str(step_dir))["t"]
             axes = _prepend_axes(key)
             for prefix in itertools.product(*(range(n) for n in tensor.shape[:axes])):
                 part = tensor[prefix] if prefix else tensor

@@ -19,10 +19,15 @@ the TE spec, every TP/PP/EP layout, and checkpoints read without building a mode
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
+from recipec.compiler.errors import RecipeError
+
+
+class MappingError(RecipeError):
+    """Weights whose names or shapes do not fit the architecture's table and the recipe's model."""
 
 
 @dataclass(frozen=True)
@@ -44,10 +49,20 @@ class Shape:
     tied: bool
 
 
+def _rows(t: torch.Tensor, rows: int, what: str, rest: tuple[int, ...] | None = None) -> None:
+    """`t` has `rows` rows (and trailing dims `rest`); else a ValueError saying what was expected."""
+    if t.dim() < 1 or t.shape[0] != rows or (rest is not None and tuple(t.shape[1:]) != rest):
+        want = (rows, *rest) if rest is not None else (rows, "...")
+        raise ValueError(f"{what} has shape {tuple(t.shape)}, expected {want}")
+
+
 def _to_qkv(ts: Sequence[torch.Tensor], s: Shape) -> torch.Tensor:
     """q [H*d, ...], k/v [G*d, ...] -> Megatron's per-group interleave [G*(H/G+2)*d, ...]."""
     q, k, v = ts
-    rest = q.shape[1:]
+    rest = tuple(q.shape[1:])
+    _rows(q, s.heads * s.head_dim, f"q ({s.heads} heads x head dim {s.head_dim})", rest)
+    _rows(k, s.groups * s.head_dim, f"k ({s.groups} query groups x head dim {s.head_dim})", rest)
+    _rows(v, s.groups * s.head_dim, f"v ({s.groups} query groups x head dim {s.head_dim})", rest)
     per = s.heads // s.groups
     parts = (q.reshape(s.groups, per * s.head_dim, *rest), k.reshape(s.groups, s.head_dim, *rest),
              v.reshape(s.groups, s.head_dim, *rest))
@@ -57,14 +72,28 @@ def _to_qkv(ts: Sequence[torch.Tensor], s: Shape) -> torch.Tensor:
 def _from_qkv(t: torch.Tensor, s: Shape) -> list[torch.Tensor]:
     per = s.heads // s.groups
     rest = t.shape[1:]
+    _rows(t, (s.heads + 2 * s.groups) * s.head_dim, f"fused qkv ({s.heads} heads + 2 x {s.groups} groups x "
+          f"head dim {s.head_dim})")
     g = t.reshape(s.groups, (per + 2) * s.head_dim, *rest)
     q, k, v = torch.split(g, [per * s.head_dim, s.head_dim, s.head_dim], dim=1)
     return [x.reshape(-1, *rest).contiguous() for x in (q, k, v)]
 
 
+def _gate_up(ts: Sequence[torch.Tensor], s: Shape) -> torch.Tensor:
+    gate, up = ts
+    _rows(up, gate.shape[0] if gate.dim() else -1, "up_proj (the same shape as gate_proj)", tuple(gate.shape[1:]))
+    return torch.cat([gate, up], dim=0)
+
+
+def _from_gate_up(t: torch.Tensor, s: Shape) -> list[torch.Tensor]:
+    if t.dim() < 1 or t.shape[0] % 2:
+        raise ValueError(f"fused gate/up has shape {tuple(t.shape)}, expected an even number of rows")
+    return [x.contiguous() for x in torch.chunk(t, 2, dim=0)]
+
+
 def _to_vocab(ts: Sequence[torch.Tensor], s: Shape) -> torch.Tensor:
     (t,) = ts
-    if t.shape[0] != s.vocab:
+    if t.dim() < 1 or t.shape[0] != s.vocab:
         raise ValueError(f"vocabulary tensor has {t.shape[0]} rows, the recipe's model.vocab_size is {s.vocab}")
     if s.padded_vocab == s.vocab:
         return t
@@ -77,8 +106,7 @@ TRANSFORMS: dict[str, tuple[Callable[[Sequence[torch.Tensor], Shape], torch.Tens
     "copy": (lambda ts, s: ts[0], lambda t, s: [t]),
     "vocab": (_to_vocab, lambda t, s: [t[: s.vocab].contiguous()]),
     "qkv": (_to_qkv, _from_qkv),
-    "gate_up": (lambda ts, s: torch.cat(list(ts), dim=0),
-                lambda t, s: [x.contiguous() for x in torch.chunk(t, 2, dim=0)]),
+    "gate_up": (_gate_up, _from_gate_up),
 }
 
 # ---------------------------------------------------------------- tables
@@ -152,7 +180,8 @@ def canonical_name(key: str, prefix: Sequence[int]) -> str:
     layer = prefix[0] if len(prefix) > 0 else None
     expert = prefix[1] if len(prefix) > 1 else None
     if ("{L}" in template) != (layer is not None) or ("{E}" in template) != (expert is not None):
-        raise KeyError(f"checkpoint key {key!r} with prepended offsets {tuple(prefix)} has no known module name")
+        raise MappingError(f"checkpoint key {key!r} with prepended offsets {tuple(prefix)} has no known module name; "
+                           "is the checkpoint of the recipe's architecture?")
     return template.replace("{L}", str(layer)).replace("{E}", str(expert))
 
 
@@ -165,7 +194,7 @@ class ArchMapping:
 
     def __init__(self, architecture: str, shape: Shape) -> None:
         if architecture not in TABLES:
-            raise KeyError(f"no weight mapping for architecture {architecture!r}; known: {sorted(TABLES)}")
+            raise MappingError(f"no weight mapping for architecture {architecture!r}; known: {sorted(TABLES)}")
         self.architecture = architecture
         self.shape = shape
         self.rules = tuple(r for r in TABLES[architecture] if not (shape.tied and r.mcore == "output_layer.weight"))
@@ -178,7 +207,8 @@ class ArchMapping:
             match = pattern.match(name)
             if match:
                 return rule, match.groupdict()
-        raise KeyError(f"Megatron tensor {name!r} has no rule in the {self.architecture} mapping")
+        raise MappingError(f"Megatron tensor {name!r} has no rule in the {self.architecture} mapping; is the "
+                           "checkpoint of the recipe's architecture?")
 
     @staticmethod
     def fill(template: str, idx: dict[str, str]) -> str:
@@ -189,12 +219,24 @@ class ArchMapping:
     def to_mcore(self, name: str, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
         """The full (unsharded) Megatron tensor `name`, read from HF through `get(hf_name)`."""
         rule, idx = self.rule_for(name)
-        return TRANSFORMS[rule.transform][0]([get(self.fill(h, idx)) for h in rule.hf], self.shape)
+        names = [self.fill(h, idx) for h in rule.hf]
+        tensors = [get(h) for h in names]
+        try:
+            return TRANSFORMS[rule.transform][0](tensors, self.shape)
+        except (ValueError, RuntimeError) as exc:  # a reshape of weights that do not fit the model
+            shapes = ", ".join(f"{h} {tuple(t.shape)}" for h, t in zip(names, tensors))
+            raise MappingError(f"Hugging Face weights {shapes} do not fit {name} of the recipe's {self.architecture} "
+                               f"model: {exc}; check model.* (heads, query groups, kv_channels, sizes) against "
+                               "the HF config.json") from None
 
     def to_hf(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         """HF tensors made from the full Megatron tensor `name`."""
         rule, idx = self.rule_for(name)
-        outs = TRANSFORMS[rule.transform][1](tensor, self.shape)
+        try:
+            outs = TRANSFORMS[rule.transform][1](tensor, self.shape)
+        except (ValueError, RuntimeError) as exc:
+            raise MappingError(f"checkpoint tensor {name} {tuple(tensor.shape)} does not fit the recipe's "
+                               f"{self.architecture} model: {exc}; does --recipe describe this checkpoint?") from None
         return {self.fill(h, idx): t for h, t in zip(rule.hf, outs)}
 
     def mcore_names(self, num_layers: int, num_experts: int | None) -> list[str]:

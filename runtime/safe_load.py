@@ -1,0 +1,133 @@
+"""Nothing the runtime reads unpickles code: weights-only `torch.load`, data-only DCP metadata.
+
+A checkpoint is a file a user may have been handed. Two pickle readers sit on the path from
+a checkpoint directory to the model, neither of them recipec's own code:
+
+- `torch.load`: Megatron-Core loads `common.pt` and sharded objects with `torch.load(path)`
+  (no `weights_only`), torch DCP loads byte items with `torch.load(..., weights_only=False)`.
+  torch >= 2.6 defaults to weights-only, but `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1` (which a
+  recipe's launch.env or the user's shell can set) turns that off, and torch 2.4/2.5 default
+  to full unpickling. `TORCH_FORCE_WEIGHTS_ONLY_LOAD=1` wins over both, even over an explicit
+  `weights_only=False`, so the entry sets it and drops the other (`enforce_weights_only`).
+- `pickle.load` of DCP's `.metadata` (torch.distributed.checkpoint.filesystem.FileSystemReader
+  .read_metadata, reached by every Megatron `dist_checkpointing.load`): no torch setting
+  covers it. `guard_dcp_metadata` swaps the `pickle` that module sees for one whose `load`
+  only builds DCP's own dataclasses and enums, `torch.Size`, dtypes and layouts, which is all
+  a `.metadata` file holds; anything else is refused with an `UnpicklingError` naming the file.
+
+Both are process-wide and idempotent; the runtime's entry points call `install()` before
+they read anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import io
+import os
+import pickle
+import re
+import types
+from typing import Any, BinaryIO
+
+FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+UNSAFE = ("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD",)
+
+# Modules whose dataclasses and enums make up a DCP `.metadata` file (pure data, no behaviour
+# on construction).
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
+                "torch.distributed.checkpoint.filesystem")
+
+
+def enforce_weights_only() -> None:
+    """Every torch.load in this process (and its children) loads weights only, whatever the caller asked."""
+    for name in UNSAFE:
+        os.environ.pop(name, None)
+    os.environ[FORCE] = "1"
+
+
+class DataOnlyUnpickler(pickle.Unpickler):
+    """Builds DCP metadata and nothing else: every global is checked against the allowlist."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        obj = _allowed(module, name)
+        if obj is None:
+            source = getattr(self, "source", "a checkpoint's .metadata")
+            raise pickle.UnpicklingError(
+                f"{source} refers to {module}.{name}, which a checkpoint's metadata never holds; refusing "
+                "to unpickle it (the file may be crafted to run code)")
+        return obj
+
+
+def _allowed(module: str, name: str) -> Any | None:
+    import torch
+
+    if "." in name:
+        return None
+    if module == "torch":
+        value = getattr(torch, name, None)
+        return value if (value is torch.Size or isinstance(value, (torch.dtype, torch.layout, torch.memory_format))) else None
+    if module == "torch.serialization" and name == "_get_layout":
+        return torch.serialization._get_layout
+    if module == "collections" and name == "OrderedDict":
+        import collections
+
+        return collections.OrderedDict
+    if module in _DCP_MODULES:
+        import importlib
+
+        value = getattr(importlib.import_module(module), name, None)
+        if isinstance(value, type) and value.__module__ == module and (
+                dataclasses.is_dataclass(value) or issubclass(value, enum.Enum)):
+            return value
+    return None
+
+
+def data_only_load(file: BinaryIO, **kwargs: Any) -> Any:
+    """pickle.load for DCP metadata: refuses any global outside the allowlist."""
+    unpickler = DataOnlyUnpickler(file, **kwargs)
+    unpickler.source = getattr(file, "name", None) or "a checkpoint's .metadata"  # type: ignore[attr-defined]
+    return unpickler.load()
+
+
+def data_only_loads(data: bytes, **kwargs: Any) -> Any:
+    return data_only_load(io.BytesIO(data), **kwargs)
+
+
+def guard_dcp_metadata() -> bool:
+    """Make torch DCP's FileSystemReader read `.metadata` with the data-only unpickler; True if in place."""
+    from torch.distributed.checkpoint import filesystem
+
+    current = getattr(filesystem, "pickle", None)
+    if isinstance(current, types.SimpleNamespace) and getattr(current, "load", None) is data_only_load:
+        return True
+    if current is not pickle:
+        return False  # a torch that reads metadata some other way: nothing of ours to guard
+    shim = types.SimpleNamespace(**{k: getattr(pickle, k) for k in dir(pickle) if not k.startswith("__")})
+    shim.load, shim.loads, shim.Unpickler = data_only_load, data_only_loads, DataOnlyUnpickler
+    filesystem.pickle = shim  # type: ignore[attr-defined]
+    return True
+
+
+def refusal(exc: BaseException) -> str | None:
+    """A short account of a load that the guards above refused, or None if `exc` is not one.
+
+    torch's own message ends by suggesting `weights_only=False`, the one thing not to do with a
+    file one did not make; this says which global was refused instead."""
+    if not isinstance(exc, pickle.UnpicklingError):
+        return None
+    text = str(exc)
+    found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
+    if found:
+        return (f"it holds a pickle that refers to {found.group(1)}, which weights-only loading refuses "
+                "(the file may be crafted to run code; never load it with weights_only=False unless you made it)")
+    if "Weights only load failed" in text:
+        return ("it holds a pickle that weights-only loading refuses (the file may be crafted to run code; "
+                "never load it with weights_only=False unless you made it)")
+    return text.splitlines()[0] if text else "a pickle the data-only loader refuses"
+
+
+def install() -> None:
+    """Both guards; called first by every runtime entry point."""
+    enforce_weights_only()
+    guard_dcp_metadata()
