@@ -4,7 +4,10 @@ The recipe is compiled by `build()` like everywhere else; the launcher's own fla
 (`--nodes`, `--gpus-per-node`, `--executor`, `--master`) are turned into ordinary overrides
 first, so a node count that does not fit the parallel layout is refused by the validator
 before anything starts or is submitted. What happens next belongs to the executor plug-in
-(compiler/executors/): local runs the supervised torchrun here, slurm submits job.sbatch.
+(compiler/executors/): local checks that this machine can run the recipe (preflight.py: GPUs,
+torch, sequence parallel on local modules, the rendezvous port on node 0), then runs the
+supervised torchrun here; slurm submits job.sbatch (the login node is not checked: it is not
+the machine that runs).
 
 Nothing here imports torch; torchrun and sbatch are subprocesses.
 """

@@ -23,6 +23,7 @@ from .estimate import (
     total_params,
 )
 from .hardware import ACCELERATORS
+from .rendezvous import JOIN_TIMEOUT_S
 from .schema import RecipeConfig
 from .shell import script_text_problem
 from .tree import Tree
@@ -70,14 +71,20 @@ def performance_env(c: RecipeConfig) -> dict[str, str]:
 
 def torchrun_command(c: RecipeConfig, artifact: str, node_rank: str | int) -> tuple[str, ...]:
     launch = c.launch
+    # One node: torchrun's standalone store on a port the kernel picks (nothing to collide with);
+    # several: node 0's address and port, with the join timeout written out (see rendezvous.py).
+    rendezvous = ("--standalone",) if launch.nodes == 1 else (
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={launch.master_addr}:{launch.master_port}",
+        f"--rdzv-id={c.name}",
+        f"--rdzv-conf=join_timeout={JOIN_TIMEOUT_S}",
+    )
     return (
         "torchrun",
         f"--nnodes={launch.nodes}",
         f"--nproc-per-node={launch.gpus_per_node}",
         f"--node-rank={node_rank}",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint={launch.master_addr}:{launch.master_port}",
-        f"--rdzv-id={c.name}",
+        *rendezvous,
         f"--max-restarts={launch.max_restarts}",
         "-m", RUNTIME_MODULE,
         "--artifact", artifact,

@@ -18,6 +18,13 @@ printed `recipec: error: ...`) is returned as 2, and torchrun's ChildFailedError
 which says nothing the rank's message did not, is left out. Any other failure report is
 passed through unchanged.
 
+The rendezvous (see rendezvous.py) is checked here too, because this is the one process
+every node runs before torchrun, whoever started it: on node 0 of a multi-node run the
+rendezvous port must be free before torchrun starts; a rendezvous that fails in torch, or in
+which no rank has started after `watchdog_s` (a store that accepts but never answers makes
+torchrun wait forever), ends with exit 2 and a message naming launch.master_addr /
+launch.master_port instead of torch's traceback or a silent hang.
+
 Standard library only: this runs inside container images and before torch is imported.
 """
 
@@ -29,13 +36,19 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import IO
 
+from . import rendezvous
+from .rendezvous import Rendezvous
+
 Echo = Callable[..., None]
 USER_ERROR = 2
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
+POLL_S = 0.5  # how often the rendezvous watchdog looks for the first rank
+KILL_GRACE_S = 15  # after SIGTERM to a torchrun stuck in its rendezvous, before SIGKILL
 
 # torchrun's failure report starts with the agent stopping the other ranks, its "failed" log
 # line, or the traceback of ChildFailedError; everything after that belongs to the report.
@@ -49,6 +62,13 @@ _ROOT_EXIT = re.compile(rb"Root Cause.*?exitcode\s*:\s*(-?\d+)", re.DOTALL)
 
 def _stderr_echo(message: str, err: bool = True) -> None:
     print(message, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+def _user_error(echo: Echo, problem: tuple[str, str]) -> int:
+    """Print a user error as the CLI does (`recipec: error:` and a hint); the exit code for it."""
+    message, fix = problem
+    echo(f"recipec: error: {message}\n   hint: {fix}", err=True)
+    return USER_ERROR
 
 
 def children(pid: int) -> list[int]:
@@ -98,25 +118,35 @@ class ReportFilter(threading.Thread):
         except (OSError, ValueError):
             pass
 
+    def text(self) -> bytes:
+        """torchrun's own output held back so far (its failure report)."""
+        return b"".join(self.held)
+
     def root_cause_exit(self) -> int | None:
         """The first failed rank's exit code from torchrun's report, if it printed one."""
-        text = b"".join(self.held)
+        text = self.text()
         if b"ChildFailedError" not in text:
             return None
         match = _ROOT_EXIT.search(text)
         return int(match.group(1)) if match else None
 
-    def finish(self, code: int) -> int:
-        """Wait for the end of torchrun's stderr; return the exit code to report."""
+    def finish(self, code: int, *, show: bool = True) -> int:
+        """Wait for the end of torchrun's stderr; return the exit code to report. `show=False`
+        drops torchrun's report (the caller explains the failure itself)."""
         self.join(timeout=10)
         if code != 0 and self.root_cause_exit() == USER_ERROR:
             return USER_ERROR  # the rank printed `recipec: error: ...`; the report adds nothing
-        self._write(b"".join(self.held))
+        if show:
+            self._write(b"".join(self.held))
         return code
 
 
 def run_torchrun(argv: Sequence[str], env: dict[str, str] | None = None, echo: Echo = _stderr_echo) -> int:
     """Run torchrun (see the module doc); return the exit code this process should exit with."""
+    rdzv = rendezvous.of_argv(argv)
+    taken = rendezvous.head_port_problem(rdzv) if rdzv else None
+    if taken:
+        return _user_error(echo, taken)
     received: list[int] = []
     started: list[subprocess.Popen[bytes]] = []
     early: list[int] = []  # signals that came while torchrun was being started
@@ -143,12 +173,17 @@ def run_torchrun(argv: Sequence[str], env: dict[str, str] | None = None, echo: E
         assert proc.stderr is not None
         report = ReportFilter(proc.stderr, sys.stderr.buffer)
         report.start()
-        code = proc.wait()
+        code, waited, ranks_ran = _wait(proc, rdzv, received)
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
     if code < 0:  # torchrun itself died of a signal
         code = 128 - code
+    report.join(timeout=10)  # all of torchrun's output read before it is judged
+    failed_to_meet = code != 0 and not ranks_ran and rendezvous.failed_in_torch(report.text())
+    if rdzv is not None and not received and (waited or failed_to_meet):
+        report.finish(code, show=False)
+        return _user_error(echo, rendezvous.failure_message(rdzv, waited_s=waited, torch_output=report.text()))
     code = report.finish(code)
     if not received:
         return code
@@ -158,6 +193,41 @@ def run_torchrun(argv: Sequence[str], env: dict[str, str] | None = None, echo: E
         echo(f"recipec: stopped on {signal.Signals(received[0]).name} after the ranks saved; "
              "run the same command again to resume from the checkpoint", err=True)
     return code
+
+
+def _wait(proc: subprocess.Popen[bytes], rdzv: Rendezvous | None,
+          received: list[int]) -> tuple[int, int | None, bool]:
+    """(torchrun's exit code, the seconds waited when no rank had started within the rendezvous
+    bound and torchrun was stopped for it, whether ranks were seen running)."""
+    if rdzv is None:
+        return proc.wait(), None, False
+    deadline = time.monotonic() + rdzv.watchdog_s
+    while True:
+        try:
+            return proc.wait(timeout=POLL_S), None, False
+        except subprocess.TimeoutExpired:
+            pass
+        if received:  # a stop signal takes over
+            return proc.wait(), None, False
+        if children(proc.pid):  # the rendezvous completed and the ranks run: no bound from here
+            return proc.wait(), None, True
+        if time.monotonic() >= deadline:
+            _kill_group(proc)
+            return proc.wait(), rdzv.watchdog_s, False
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM torchrun's process group, SIGKILL it if it is still there KILL_GRACE_S later."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=KILL_GRACE_S)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _stop(proc: subprocess.Popen[bytes], received: list[int], echo: Echo) -> None:

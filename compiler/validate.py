@@ -54,6 +54,12 @@ def layout(c: RecipeConfig) -> Iterator[Finding]:
     if p.sequence_parallel and p.tensor_model_parallel_size == 1:
         yield ("parallel.sequence_parallel", "sequence_parallel needs tensor_model_parallel_size > 1 (it is 1)",
                "set parallel.sequence_parallel=false or raise tensor_model_parallel_size")
+    elif p.sequence_parallel and c.launch.accelerator == "cpu":
+        # On CPU the runtime builds Megatron-Core's local modules, whose torch LayerNorm asserts
+        # against sequence parallelism (a traceback per rank). GPU runs are checked at launch
+        # (preflight.py), where it is known whether Transformer Engine or Apex is installed.
+        yield ("parallel.sequence_parallel", ("sequence parallelism needs Transformer Engine's (or Apex's) layer "
+               'norms, which do not run on CPU (launch.accelerator is "cpu")'), "set parallel.sequence_parallel=false")
 
 
 def heads(c: RecipeConfig) -> Iterator[Finding]:

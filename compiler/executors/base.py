@@ -19,13 +19,15 @@ from ..errors import RecipeError
 if TYPE_CHECKING:
     from ..plan import Plan
     from ..schema import RecipeConfig
+    from ..tree import Tree
 
 Echo = Callable[..., None]
 Finding = tuple[tuple[str, ...], str, str | None]  # (key path in the recipe tree, message, hint)
 
 
 class LaunchError(RecipeError):
-    """A launch that cannot start: missing scheduler or torch, bad node rank, a refused submission."""
+    """A launch that cannot start: missing scheduler or torch, bad node rank, a refused submission,
+    a machine that cannot run the recipe (preflight.py)."""
 
 
 class Built(Protocol):
@@ -39,6 +41,8 @@ class Built(Protocol):
     def fingerprint(self) -> str: ...
     @property
     def artifact_dir(self) -> str: ...
+    @property
+    def tree(self) -> Tree: ...  # provenance, for messages that name where a value was set
     @property
     def name(self) -> str: ...
 

@@ -6,6 +6,12 @@ Both come from the plan alone. `node_argv` takes the plan's per-node torchrun co
   runs recipec, so its torch is the one used);
 - fills in per-node values (node rank, rendezvous endpoint and id) — literal, or a
   `ShellVar` when a script reads them at run time ($SLURM_NODEID, $HEAD_NODE, $NODE_RANK);
+- makes the rendezvous one that cannot collide (see rendezvous.py): a one-node job uses
+  torchrun's `--standalone` store on a port the kernel picks, so launch.master_port is not
+  used at all and a busy 29500 does not matter; a multi-node job meets at
+  launch.master_addr:launch.master_port with its join timeout written out
+  (`--rdzv-conf=join_timeout=600`), and where launch.master_addr is a loopback address, which
+  no other machine can reach, the scripts read the head node's address from $HEAD_NODE;
 - adds `--tee=3 --log-dir=RUN_DIR/logs/torchrun`: every rank's stdout/stderr is streamed with
   a `[default<local rank>]:` prefix and kept per rank on disk;
 - runs each rank under nsys (`profiling.use_nsys`) with the capture range opened and closed
@@ -17,6 +23,7 @@ the ranks and not torchrun's agent (see supervisor.py). Nothing here imports tor
 
 from __future__ import annotations
 
+from ..rendezvous import JOIN_TIMEOUT_S, is_loopback
 from ..shell import Arg, Script, ShellVar, Word, word
 from .base import Built
 
@@ -25,6 +32,12 @@ SUPERVISOR_MODULE = "recipec.compiler.supervisor"
 # Launcher-side environment: unbuffered ranks so their lines stream as they happen.
 STREAM_ENV = {"PYTHONUNBUFFERED": "1"}
 NODE_RANK = ShellVar("NODE_RANK")
+HEAD_NODE = ShellVar("HEAD_NODE")
+# The plan's rendezvous flags, which `--standalone` replaces on a one-node job.
+RDZV_FLAGS = ("--rdzv-backend", "--rdzv-endpoint", "--rdzv-id")
+# (no apostrophe in these messages: bash reads one inside "${VAR:?...}" as an opening quote)
+NEED_HEAD_NODE = ('HEAD_NODE="${HEAD_NODE:?set HEAD_NODE to the address of node 0 (launch.master_addr is a loopback '
+                  'address, which the other nodes cannot reach)}"')
 
 
 def run_dir(built: Built) -> str:
@@ -46,6 +59,15 @@ def nsys_prefix(built: Built) -> list[str]:
         "--force-overwrite=true",
         "-o", f"{run_dir(built)}/nsys/{built.config.name}-rank%q{{RANK}}",
     ]
+
+
+def head_endpoint(built: Built) -> Word | None:
+    """$HEAD_NODE:PORT when the job has several nodes and launch.master_addr is a loopback address
+    (the default 127.0.0.1): that endpoint would send every other node to itself. Else None."""
+    launch = built.config.launch
+    if launch.nodes > 1 and is_loopback(launch.master_addr):
+        return word(HEAD_NODE, f":{launch.master_port}")
+    return None
 
 
 def _option(flag: str, value: Arg | int) -> Arg:
@@ -77,11 +99,18 @@ def node_argv(
         "--rdzv-endpoint": rdzv_endpoint,
         "--rdzv-id": rdzv_id,
     }
+    single = c.launch.nodes == 1
     options: list[Arg] = []
     for arg in base[1:split]:
         flag = arg.split("=", 1)[0]
+        if single and flag in RDZV_FLAGS:
+            if flag == RDZV_FLAGS[0]:
+                options.append("--standalone")
+            continue
         value = replace.get(flag)
         options.append(arg if value is None else _option(flag, value))
+        if flag == "--rdzv-id" and not any(a.startswith("--rdzv-conf") for a in base):
+            options.append(f"--rdzv-conf=join_timeout={JOIN_TIMEOUT_S}")
     options += [f"--log-dir={run_dir(built)}/logs/torchrun", "--tee=3"]
     rank_command: list[Arg] = list(base[split:])  # -m recipec.runtime.train --artifact DIR
     if c.profiling.use_nsys:
@@ -106,8 +135,11 @@ def launch_sh(built: Built, python: str | None = None) -> str:
     rank: Arg | int = 0
     if c.launch.nodes > 1:
         last = int(c.launch.nodes) - 1
-        # (no apostrophe in the message: bash reads one inside "${VAR:?...}" as an opening quote)
         script.code(f'NODE_RANK="${{NODE_RANK:?set NODE_RANK to the index of this node (0..{last})}}"')
         rank = NODE_RANK
-    script.command(supervised(node_argv(built, rank, python=python), python), before="exec ", after=' "$@"')
+    endpoint = head_endpoint(built)
+    if endpoint is not None:
+        script.code(NEED_HEAD_NODE)
+    torchrun = node_argv(built, rank, python=python, rdzv_endpoint=endpoint)
+    script.command(supervised(torchrun, python), before="exec ", after=' "$@"')
     return script.text()

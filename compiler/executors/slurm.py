@@ -29,7 +29,7 @@ from ..shell import (
     word,
 )
 from .base import Built, Echo, Finding, LaunchError, ScriptFile
-from .node import environment, launch_sh, node_argv, run_dir, supervised
+from .node import HEAD_NODE, environment, launch_sh, node_argv, run_dir, supervised
 
 if TYPE_CHECKING:
     from ..schema import RecipeConfig
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 NODE_ID = ShellVar("SLURM_NODEID")
 NNODES = ShellVar("SLURM_NNODES")
 JOB_ID = ShellVar("SLURM_JOB_ID")
-HEAD_NODE = ShellVar("HEAD_NODE")
 SUBMIT_DIR = ShellVar("SLURM_SUBMIT_DIR")
 
 # Template code of job.sbatch (literals; data goes in only through Script's quoting methods).

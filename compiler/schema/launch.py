@@ -48,7 +48,8 @@ REFUSED_ENV: dict[str, str] = {
     "PYTHONBREAKPOINT": "python imports and calls the function it names at every breakpoint()",
     "PYTHONWARNINGS": "a warning filter names its category by module path, and python imports that module",
     "NODE_RANK": "launch.sh reads it per node (NODE_RANK=K bash launch.sh); it is not one value for all nodes",
-    "HEAD_NODE": "job.sbatch sets it from the job's node list",
+    "HEAD_NODE": "job.sbatch sets it from the job's node list, and a multi-node launch.sh whose master_addr is a "
+                 "loopback address reads it per node as node 0's address",
 }
 
 
@@ -60,8 +61,12 @@ class LaunchConfig:
     gpus_per_node: int = option(8, "Processes per machine (GPUs; CPU processes without GPU).", min=1,
                                 max=MAX_PROCS_PER_NODE)
     executor: str = option("local", "local: torchrun here; slurm: an sbatch job.", choices=tuple(EXECUTORS))
-    master_addr: str = option("127.0.0.1", "Rendezvous host for local multi-node runs.")
-    master_port: int = option(29500, "Rendezvous port.", min=1, max=65535)
+    master_addr: str = option(
+        "127.0.0.1", "Node 0's address, where a multi-node run without a scheduler meets (--master); with a "
+        "loopback address the scripts read it from $HEAD_NODE. Unused with one node and under SLURM.")
+    master_port: int = option(
+        29500, "Rendezvous port on node 0 of a multi-node run (checked free there before the ranks start); a "
+        "one-node run lets the kernel pick a free port.", min=1, max=65535)
     accelerator: str = option(
         "H100-80GB", "What each process runs on; sets the memory budget and the MFU peak.",
         choices=tuple(ACCELERATORS),

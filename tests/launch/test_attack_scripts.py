@@ -193,8 +193,10 @@ def test_the_walk_finds_the_fields_that_reach_scripts() -> None:
     names = {".".join(p) for p in FIELDS}
     assert {"name", "launch.output_dir", "launch.master_addr", "launch.slurm_account", "launch.container_mounts",
             "data.paths", "checkpoint.save"} <= names
+    # launch.master_addr reaches a script only with nodes > 1 (one node uses torchrun --standalone):
+    # test_master_addr_payloads_in_a_two_node_launch_sh attacks it there.
     assert {".".join(p) for p in SCRIPT_FIELDS} == {
-        "name", "launch.master_addr", "launch.output_dir", "launch.slurm_account", "launch.slurm_partition",
+        "name", "launch.output_dir", "launch.slurm_account", "launch.slurm_partition",
         "launch.slurm_time", "launch.container_image", "launch.container_mounts", "launch.env"}
 
 
@@ -243,10 +245,35 @@ def test_launch_sh_takes_the_node_rank_from_the_environment(tmp_path: Path) -> N
     missing = stubs.run(directory / "launch.sh", tmp_path)
     assert missing.returncode != 0 and b"set NODE_RANK to the index of this node (0..1)" in missing.stderr
     assert stubs.calls() == []
-    ok = stubs.run(directory / "launch.sh", tmp_path, {"NODE_RANK": "1"})
+    # launch.master_addr is the default 127.0.0.1, which no other node can reach: the head comes from $HEAD_NODE
+    no_head = stubs.run(directory / "launch.sh", tmp_path, {"NODE_RANK": "1"})
+    assert no_head.returncode != 0 and b"set HEAD_NODE to the address of node 0" in no_head.stderr
+    assert stubs.calls() == []
+    ok = stubs.run(directory / "launch.sh", tmp_path, {"NODE_RANK": "1", "HEAD_NODE": "10.0.0.7"})
     assert ok.returncode == 0, ok.stderr
     (call,) = stubs.calls()
     assert "--node-rank=1" in call["argv"] and "--nnodes=2" in call["argv"]
+    assert "--rdzv-endpoint=10.0.0.7:29500" in call["argv"] and "--rdzv-conf=join_timeout=600" in call["argv"]
+
+
+@pytest.mark.parametrize("index", range(len(payloads(Path("/")))))
+def test_master_addr_payloads_in_a_two_node_launch_sh(tmp_path: Path, index: int) -> None:
+    """launch.master_addr reaches launch.sh's --rdzv-endpoint when the job has several nodes."""
+    attack = Attack(tmp_path)
+    payload = payloads(attack.sentinel)[index]
+    overlay = attack.overlay({("launch", "master_addr"): payload}, {})
+    try:
+        compiled = build(RECIPE, ["launch.nodes=2"], overlays=[str(overlay)])
+        directory = compiled.write(tmp_path / "out")
+    except RecipeError:
+        assert attack.ran() == []
+        assert any(ch in payload for ch in "\n\r\x00"), "only a line break or NUL is refused here"
+        return
+    proc = attack.stubs.run(directory / "launch.sh", tmp_path, {"NODE_RANK": "1", "HEAD_NODE": "h"})
+    assert proc.returncode == 0, proc.stderr
+    assert attack.ran() == [], "a payload ran from launch.sh"
+    (call,) = attack.stubs.calls()
+    assert f"--rdzv-endpoint={payload}:29500" in call["argv"]
 
 
 def test_refusals_name_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -127,7 +127,9 @@ def test_local_dry_run_prints_the_command(workdir: Path) -> None:
     assert result.exit_code == 0, text
     out = result.output
     assert f"{sys.executable} -m torch.distributed.run --nnodes=1 --nproc-per-node=2 --node-rank=0" in out
-    assert "--rdzv-backend=c10d" in out and "--max-restarts=0" in out and "--tee=3" in out
+    # one node: torchrun's standalone rendezvous on a port the kernel picks; launch.master_port is not used
+    assert "--standalone" in out and "--rdzv-endpoint" not in out and "29500" not in out
+    assert "--max-restarts=0" in out and "--tee=3" in out
     assert "-m recipec.runtime.train --artifact out" in out
     assert "export OMP_NUM_THREADS=1" in out  # the plan's performance environment
     assert "nothing started" in text
