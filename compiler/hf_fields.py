@@ -94,6 +94,15 @@ class HFConfig:
             raise self._wrong(name, value, "a string")
         return value
 
+    def choice(self, name: str, choices: dict[str, Any], default: Any = _MISSING) -> Any:
+        """choices[value] for a string field that must be one of `choices`' keys (the default when absent)."""
+        value, given = self._raw(name, default)
+        if not given:
+            return value
+        if not isinstance(value, str) or value not in choices:
+            raise self._wrong(name, value, "one of " + ", ".join(f'"{k}"' for k in choices))
+        return choices[value]
+
     def texts(self, name: str) -> list[str] | None:
         """A list of strings, or None when absent."""
         value, given = self._raw(name, None)

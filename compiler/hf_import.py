@@ -7,8 +7,13 @@ Every architecture field of the HF config is either mapped onto `[model]` or,
 when recipec cannot express it (sliding-window attention, a RoPE scaling type
 the runtime lacks, attention/MLP biases Megatron cannot reproduce, an unknown
 model_type ...), rejected with an `HFImportError` that names the HF field.
-Both transformers 4.x (`rope_theta`, `rope_scaling`) and 5.x (`rope_parameters`)
-spellings are read.
+Both transformers 4.x (`rope_theta`, `rope_scaling`, `torch_dtype`) and 5.x
+(`rope_parameters`, `dtype`) spellings are read.
+
+The weights' dtype becomes `precision.dtype` (float32 -> fp32, bfloat16 -> bf16, float16 -> fp16;
+a config.json without one means float32, as transformers loads it), so `recipec convert
+hf-to-mcore` and `mcore-to-hf` with the imported recipe give back the same bits. Any other
+value is an HFImportError naming the field.
 
 config.json is data from anywhere: every field is read through `HFConfig` (typed,
 finite, in range), the recipe is written only through the TOML writer (values
@@ -29,8 +34,8 @@ from .schema import ModelConfig
 from .schema._fields import check_value
 from .text import shown
 
-__all__ = ["ARCHITECTURES", "HFImportError", "hf_config", "model_fields", "read_hf_config", "recipe_from_hf",
-           "tokenizer_files"]
+__all__ = ["ARCHITECTURES", "HF_DTYPES", "HFImportError", "hf_config", "model_fields", "precision_dtype",
+           "read_hf_config", "recipe_from_hf", "tokenizer_files"]
 
 # One row per supported HF model_type: the recipec family, the bundled family base,
 # the HF class written back on export, and which optional pieces the family has.
@@ -46,6 +51,8 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 _BY_FAMILY = {row["architecture"]: mt for mt, row in ARCHITECTURES.items()}
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+# config.json's dtype names (those transformers accepts: getattr(torch, name)) -> precision.dtype.
+HF_DTYPES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
 # Megatron-Core's llama3 RoPE scaling has these fixed (rotary_pos_embedding._apply_scaling).
 _LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
 
@@ -214,6 +221,27 @@ def _check_schema(m: _Model) -> None:
             raise fail(field, f"{field} gives model.{key}, which {problem}")
 
 
+def precision_dtype(cfg: dict[str, Any]) -> tuple[str, str]:
+    """(precision.dtype, why) for an HF config: its weights' dtype, so conversion is lossless.
+
+    transformers 5 writes `dtype`, 4.x `torch_dtype`; a file with both must agree (each version
+    reads a different one). Without either, transformers loads the model in float32: so does recipec."""
+    c = HFConfig(cfg)
+    new, old = c.choice("dtype", HF_DTYPES, None), c.choice("torch_dtype", HF_DTYPES, None)
+    if new is not None and old is not None and new != old:
+        raise fail("dtype", f"dtype = {_json_name(cfg['dtype'])} and torch_dtype = {_json_name(cfg['torch_dtype'])} "
+                   "disagree", hint="transformers 5 reads dtype and 4.x torch_dtype: give both the weights' dtype")
+    if new is None and old is None:
+        return "fp32", "config.json names none, and transformers loads such a model in float32"
+    field = "dtype" if new is not None else "torch_dtype"
+    return new or old, f"config.json {field} = {_json_name(cfg[field])}"
+
+
+def _json_name(value: str) -> str:
+    """A dtype name already checked against HF_DTYPES, quoted as JSON writes it."""
+    return f'"{value}"'
+
+
 def _family_base(model_type: str, m: dict[str, Any]) -> str:
     if model_type == "llama":
         if m.get("rope_scaling") == "llama3":
@@ -244,15 +272,20 @@ def recipe_from_hf(path: str | Path, *, base: str = "pretrain", name: str | None
     extends = ["_base/pretrain", family] if base == "pretrain" else [family, "_base/finetune"]
     fields.setdefault("seq_length", min(4096, fields.get("max_position_embeddings", 4096)))
     sources.setdefault("seq_length", "max_position_embeddings")
-    doc: dict[str, Any] = {"extends": extends, **({"name": name} if name else {}), "model": fields}
+    dtype, dtype_note = precision_dtype(cfg)
+    doc: dict[str, Any] = {"extends": extends, **({"name": name} if name else {}), "model": fields,
+                           "precision": {"dtype": dtype}}
     if toks:
         doc["tokenizer"] = {"type": "huggingface", "path": str(directory)}
     if base == "finetune":
         doc["checkpoint"] = {"pretrained": str(directory)}
     header = [f"Imported by `recipec import-hf` from {shown(str(directory / 'config.json'))}",
               f"(model_type {model_type!r}, {shown((architectures or ['?'])[0], 80)}).",
-              "Every [model] field below comes from that config.json; the rest from the bases."]
-    text = toml_document(doc, header, {"tokenizer": [f"tokenizer files found: {', '.join(toks)}"]})
+              "Every [model] field and precision.dtype come from that config.json; the rest from the bases."]
+    notes = {"precision": [f"the weights' dtype ({dtype_note}),",
+                           "so `recipec convert` both ways is bit-exact; bf16 trains faster on GPUs but rounds fp32 weights."],
+             "tokenizer": [f"tokenizer files found: {', '.join(toks)}"]}
+    text = toml_document(doc, header, notes)
     _check_compiles(text, sources)
     return text
 
@@ -277,8 +310,14 @@ def _check_compiles(text: str, sources: dict[str, str]) -> None:
             raise HFImportError(problems) from None
 
 
-def hf_config(model: Any, *, dtype: str = "float32") -> dict[str, Any]:
-    """config.json (transformers 4.x/5.x readable) for a derived recipec ModelConfig."""
+def hf_config(model: Any, *, dtype: str = "float32", token_ids: dict[str, int] | None = None) -> dict[str, Any]:
+    """config.json (transformers 4.x/5.x readable) for a derived recipec ModelConfig.
+
+    `dtype` is the exported weights' (written as both `dtype`, which transformers 5 reads, and
+    `torch_dtype`, which 4.x reads); `token_ids` the `bos/eos/pad_token_id` of the recipe's tokenizer
+    (runtime/hf/export_files.py), which generate() and pipelines read from here."""
+    if dtype not in HF_DTYPES:
+        raise HFImportError(f"dtype {dtype!r} has no Hugging Face export name; use float32, bfloat16 or float16")
     model_type = _BY_FAMILY.get(model.architecture)
     if model_type is None:
         raise HFImportError(f"model.architecture {model.architecture!r} has no Hugging Face export mapping")
@@ -309,8 +348,10 @@ def hf_config(model: Any, *, dtype: str = "float32") -> dict[str, Any]:
         "tie_word_embeddings": model.share_embeddings_and_output_weights,
         "attention_dropout": model.attention_dropout,
         "initializer_range": model.init_method_std,
+        "dtype": dtype,
         "torch_dtype": dtype,
         "use_cache": True,
+        **(token_ids or {}),
     }
     if model_type in ("llama", "mistral"):
         cfg.update(attention_bias=False, mlp_bias=False)

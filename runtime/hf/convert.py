@@ -9,7 +9,12 @@
   one process's memory.
 - `mcore_to_hf`: reads a dist checkpoint without building a model, one layer at a
   time (only the shards of that layer are read), and writes sharded safetensors +
-  config.json + model.safetensors.index.json.
+  model.safetensors.index.json, then what transformers' loaders need besides the
+  weights (config.json, generation_config.json, tokenizer files: export_files.py).
+
+The checkpoint holds the recipe's `precision.dtype`, and the export the checkpoint's dtype:
+`recipec import-hf` writes the HF weights' dtype there, so HF -> mcore -> HF gives back
+the same bits; a recipe that trains in a narrower dtype than the weights is warned about.
 
 The architecture-specific part is only `mappings.TABLES`.
 """
@@ -30,21 +35,21 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from recipec.compiler.hf_fields import HFImportError
 from recipec.compiler.hf_import import (
-    hf_config,
     model_fields,
+    precision_dtype,
     read_hf_config,
-    tokenizer_files,
 )
 from recipec.compiler.schema import RecipeConfig
 
+from .export_files import plan_export, write_export_files
 from .mappings import ArchMapping, MappingError, Shape, canonical_name
 from .reader import HFConvertError, HFReader, is_hf_dir
 
 log = logging.getLogger("recipec.runtime")
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_PRECISION_OF = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 # Recipe fields an HF directory must agree with to be loaded into the recipe's model.
 _MUST_MATCH = ("architecture", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                "num_query_groups", "kv_channels", "vocab_size", "share_embeddings_and_output_weights",
@@ -187,13 +192,25 @@ def compile_recipe(recipe: str | None, overrides: Sequence[str], files: Sequence
 
         from recipec.compiler.hf_import import recipe_from_hf
 
-        cfg, _ = read_hf_config(hf_dir)
-        dtype = _PRECISION_OF.get(str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"), "fp32")
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp:  # import-hf's recipe: precision.dtype is the weights'
             path = Path(tmp) / "imported.toml"
             path.write_text(recipe_from_hf(hf_dir, name="imported"))
-            return build(path, [f"precision.dtype={dtype}", *overrides], overlays=tuple(files)).config
+            return build(path, tuple(overrides), overlays=tuple(files)).config
     return build(recipe, tuple(overrides), overlays=tuple(files)).config
+
+
+def _warn_if_rounding(hf_dir: Path, c: RecipeConfig) -> None:
+    """Say so when the checkpoint will hold the HF weights in fewer bits than the files have."""
+    cfg, _ = read_hf_config(hf_dir)
+    try:
+        weights, _why = precision_dtype(cfg)
+    except HFImportError:
+        return  # an odd dtype field says nothing about the weights; the tensors are read as they are
+    want = c.precision.dtype
+    if want not in (weights, "fp32"):  # fp32 holds bf16 and fp16 exactly; any other change rounds
+        log.warning("%s holds %s weights and the recipe's precision.dtype is %s: the checkpoint rounds them "
+                    "(set precision.dtype = \"%s\", as `recipec import-hf` does, to convert them exactly)",
+                    hf_dir, weights, want, weights)
 
 
 def _init_model_parallel(c: RecipeConfig) -> RecipeConfig:
@@ -228,6 +245,7 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, recipe: str | None = Non
     if not is_hf_dir(hf_dir):
         raise HFConvertError(f"{hf_dir} is not a Hugging Face model directory (config.json + *.safetensors)")
     c = compile_recipe(recipe, overrides, files, hf_dir)
+    _warn_if_rounding(hf_dir, c)
     # The runtime pads the vocabulary for the recipe's TP; the checkpoint must have that shape.
     padded = c.model.padded_vocab_size(c.parallel.tensor_model_parallel_size)
     created = ensure_distributed()
@@ -369,6 +387,7 @@ def mcore_to_hf(ckpt_dir: str | Path, out: str | Path, *, recipe: str, overrides
 
     step_dir = resolve_checkpoint(ckpt_dir)
     c = compile_recipe(recipe, overrides, files, None)
+    extra = plan_export(c)  # reads the tokenizer now: a missing one fails before any weight is written
     m = c.model
     out = Path(out)
     created = ensure_distributed()
@@ -385,6 +404,8 @@ def mcore_to_hf(ckpt_dir: str | Path, out: str | Path, *, recipe: str, overrides
             raise HFConvertError(f"{step_dir} has no embedding.word_embeddings.weight; is it a GPT checkpoint?")
         padded = int(emb.global_shape[0])
         mapping = ArchMapping(m.architecture, model_shape(c, padded))
+        # The export's one dtype: the checkpoint's parameter dtype (the local spec keeps its norms in
+        # fp32 under bf16; a model converted from bf16 HF weights gives them back exactly).
         dtype = emb.dtype
         out.mkdir(parents=True, exist_ok=True)
         writer = _ShardWriter(out, max_shard_size)
@@ -401,7 +422,7 @@ def mcore_to_hf(ckpt_dir: str | Path, out: str | Path, *, recipe: str, overrides
             for prefix in itertools.product(*(range(n) for n in tensor.shape[:axes])):
                 part = tensor[prefix] if prefix else tensor
                 for name, t in mapping.to_hf(canonical_name(key, prefix), part).items():
-                    writer.add(name, t.clone())
+                    writer.add(name, t.to(dtype).clone())  # one dtype, as save_pretrained writes
                     produced.add(name)
             del tensor
 
@@ -419,14 +440,8 @@ def mcore_to_hf(ckpt_dir: str | Path, out: str | Path, *, recipe: str, overrides
             raise HFConvertError(f"{step_dir} lacks the Megatron tensors for {len(missing)} HF tensors, e.g. "
                                  f"{missing[:3]}; does the recipe describe this checkpoint?")
         shards = writer.finish()
-        config = hf_config(m, dtype=_DTYPE_NAMES.get(dtype, "float32"))
-        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        tok = c.tokenizer
-        if tok.type == "huggingface" and tok.path and Path(tok.path).is_dir():
-            for name in tokenizer_files(Path(tok.path)) + ["special_tokens_map.json"]:
-                if (Path(tok.path) / name).is_file():
-                    shutil.copy2(Path(tok.path) / name, out / name)
-        log.info("wrote %s (%d tensors in %s)", out, len(produced), ", ".join(shards))
+        written = write_export_files(out, extra, c, _DTYPE_NAMES.get(dtype, "float32"))
+        log.info("wrote %s (%d tensors in %s; %s)", out, len(produced), ", ".join(shards), ", ".join(written))
         return out
     finally:
         if created:

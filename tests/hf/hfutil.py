@@ -69,22 +69,41 @@ TINY_OVERLAY = textwrap.dedent("""\
 """)
 
 
-def make_hf_model(arch: str, directory: Path, seed: int = 0, **overrides: Any) -> Path:
-    """Save a random tiny `arch` model (fp32 safetensors + config.json) into directory."""
+def make_hf_model(arch: str, directory: Path, seed: int = 0, dtype: str = "float32", **overrides: Any) -> Path:
+    """Save a random tiny `arch` model (`dtype` safetensors + config.json) into directory."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kw = {**ARCHS[arch], **overrides}
+    kw = {**ARCHS[arch], **overrides, "torch_dtype": dtype}
     model_type = kw.pop("model_type")
     config = AutoConfig.for_model(model_type, **kw)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=getattr(torch, dtype))
     with torch.no_grad():  # norms are ones at init: make them random so a mix-up shows
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
     model.save_pretrained(directory)
     return directory
+
+
+# The tiny tokenizer's special tokens, at ids none of transformers' defaults use (Llama's are 0/1/2).
+SPECIAL_TOKENS = {"unk_token": ("<unk>", 250), "bos_token": ("<s>", 251), "eos_token": ("</s>", 252),
+                  "pad_token": ("<pad>", 253)}
+
+
+def make_tokenizer(directory: Path) -> Any:
+    """Save a tiny word-level fast tokenizer (words w0..w249, then SPECIAL_TOKENS) into directory, built
+    offline with `tokenizers`, as save_pretrained writes one (tokenizer.json + tokenizer_config.json)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(250)} | {text: i for text, i in SPECIAL_TOKENS.values()}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **{k: text for k, (text, _) in SPECIAL_TOKENS.items()})
+    tok.save_pretrained(directory)
+    return tok
 
 
 def write_recipe(hf_dir: Path, path: Path, extra: str = "") -> Path:

@@ -28,8 +28,7 @@ FAMILY = {"llama31": ("llama", "_base/llama31"), "llama32": ("llama", "_base/lla
 
 def _config_dir(tmp_path: Path, arch: str, **changes) -> Path:
     """A directory with only a config.json (what transformers would write, v4 spelling)."""
-    cfg = {**ARCHS[arch], **changes}
-    cfg.pop("torch_dtype", None)
+    cfg = {**{k: v for k, v in ARCHS[arch].items() if k != "torch_dtype"}, **changes}
     d = tmp_path / arch
     d.mkdir(exist_ok=True)
     (d / "config.json").write_text(json.dumps(cfg))
@@ -128,7 +127,8 @@ EXTRA_FIELDS = ["architectures", "head_dim", "rope_scaling", "rope_parameters", 
                 "sliding_window", "use_sliding_window", "layer_types", "attention_bias", "mlp_bias",
                 "tie_word_embeddings", "hidden_act", "attention_dropout", "num_local_experts", "num_experts",
                 "router_jitter_noise", "shared_expert_intermediate_size", "decoder_sparse_step", "mlp_only_layers",
-                "max_position_embeddings", "rms_norm_eps", "norm_topk_prob", "router_aux_loss_coef"]
+                "max_position_embeddings", "rms_norm_eps", "norm_topk_prob", "router_aux_loss_coef", "dtype",
+                "torch_dtype"]
 PAYLOADS = ['x"\n[launch.env]\nLD_PRELOAD = "/tmp/x.so"\n#', "x\n[[model]]\n", '"""', "''']]", "]]\n[train]\ntrain_iters = 1",
             "\r\nname = \"evil\"", "\x00\x1b[2J\u2028\u0085", "$(touch /tmp/pwned)"]
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.integers(-3, 5000),
@@ -162,11 +162,12 @@ def _import_or_error(d: Path, **kwargs) -> str | None:
 def _keys_are_only_what_config_json_gave(text: str, *, tokenizer: bool, finetune: bool = False,
                                          name: bool = False) -> dict:
     data = tomllib.loads(text)
-    expected = {"extends", "model"} | ({"tokenizer"} if tokenizer else set()) | ({"checkpoint"} if finetune else set()) \
+    expected = {"extends", "model", "precision"} | ({"tokenizer"} if tokenizer else set()) | ({"checkpoint"} if finetune else set()) \
         | ({"name"} if name else set())
     assert set(data) == expected, set(data)
     assert set(data["model"]) <= {f.name for f in attrs.fields(ModelConfig)}
     assert all(not isinstance(v, dict) for v in data["model"].values())
+    assert data["precision"] in ({"dtype": "fp32"}, {"dtype": "bf16"}, {"dtype": "fp16"})
     return data
 
 
@@ -239,3 +240,49 @@ def test_import_hf_out_must_be_a_toml_file(tmp_path: Path) -> None:
     for out in [str(tmp_path / "recipe"), str(tmp_path)]:
         result = CliRunner().invoke(main, ["import-hf", str(d), "-o", out])
         assert result.exit_code == 2 and "must name a .toml file" in result.output
+
+
+# --- precision.dtype is the weights' dtype (issue 14 item 6): the README's convert commands with the
+# imported recipe give back the same bits. Was: the base's bf16, whatever the weights were.
+
+@pytest.mark.parametrize("fields, dtype", [
+    ({"dtype": "float32"}, "fp32"), ({"dtype": "bfloat16"}, "bf16"), ({"dtype": "float16"}, "fp16"),
+    ({"torch_dtype": "bfloat16"}, "bf16"), ({"torch_dtype": "float32"}, "fp32"), ({"torch_dtype": "half"}, "fp16"),
+    ({"dtype": "bfloat16", "torch_dtype": "bfloat16"}, "bf16"), ({"dtype": "float", "torch_dtype": "float32"}, "fp32"),
+    ({"dtype": None, "torch_dtype": "bfloat16"}, "bf16"),
+    ({}, "fp32"),  # no dtype: transformers loads the model in float32
+], ids=lambda v: json.dumps(v) if isinstance(v, dict) else v)
+def test_precision_dtype_is_the_weights_dtype(tmp_path: Path, fields: dict, dtype: str) -> None:
+    d = _config_dir(tmp_path, "llama2", **fields)
+    for base in ("pretrain", "finetune"):  # the finetune base sets bf16 itself: the recipe's own value wins
+        (tmp_path / "r.toml").write_text(recipe_from_hf(d, base=base))
+        assert build(tmp_path / "r.toml").config.precision.dtype == dtype
+    text = recipe_from_hf(d)
+    assert "so `recipec convert` both ways is bit-exact" in text
+    assert ("transformers loads such a model in float32" in text) == (not any(fields.values()))
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"dtype": "float64"}, "dtype"), ({"torch_dtype": "auto"}, "torch_dtype"), ({"dtype": "torch.bfloat16"}, "dtype"),
+    ({"dtype": 16}, "dtype"), ({"dtype": {"text_config": "bfloat16"}}, "dtype"), ({"torch_dtype": ["float32"]}, "torch_dtype"),
+    ({"dtype": "bfloat16", "torch_dtype": "float32"}, "dtype"), ({"dtype": 'bf16"\n[launch.env]\nX = "1'}, "dtype"),
+])
+def test_odd_dtype_is_an_hf_import_error_naming_the_field(tmp_path: Path, fields: dict, field: str) -> None:
+    d = _config_dir(tmp_path, "llama2", **fields)
+    with pytest.raises(HFImportError) as err:
+        recipe_from_hf(d)
+    assert f"[config.json:{field}]" in str(err.value)
+    assert "float32" in str(err.value) or "disagree" in str(err.value)
+    result = CliRunner().invoke(main, ["import-hf", str(d)])
+    assert result.exit_code == 2 and f"config.json:{field}" in result.output and "Traceback" not in result.output
+
+
+def test_export_config_carries_dtype_and_token_ids() -> None:
+    from recipec.compiler.hf_import import model_fields
+
+    m = ModelConfig(**model_fields({k: v for k, v in ARCHS["llama2"].items()})[0])
+    cfg = hf_config(m, dtype="bfloat16", token_ids={"bos_token_id": 1, "eos_token_id": 2})
+    assert (cfg["dtype"], cfg["torch_dtype"], cfg["bos_token_id"], cfg["eos_token_id"]) == ("bfloat16", "bfloat16", 1, 2)
+    assert "pad_token_id" not in cfg
+    with pytest.raises(HFImportError, match="float64"):
+        hf_config(m, dtype="float64")
