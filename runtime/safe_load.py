@@ -15,7 +15,13 @@ a checkpoint directory to the model, neither of them recipec's own code:
   only builds DCP's own dataclasses and enums, `torch.Size`, dtypes and layouts, which is all
   a `.metadata` file holds; anything else is refused with an `UnpicklingError` naming the file.
 
-Both are process-wide and idempotent; the runtime's entry points call `install()` before
+- `pickle.loads` of Transformer Engine's `_extra_state` (TE >= 2.0 stores its FP8 scaling state
+  as a pickled byte tensor inside every checkpoint; TE's `set_extra_state` and Megatron-Core's
+  `TEGroupedLinear._decode_extra_state` unpickle it). `guard_te_extra_state` gives those
+  modules a `pickle` whose `loads` builds only tensors, containers, torch dtypes/sizes and TE's
+  own recipe dataclasses and enums.
+
+All are process-wide and idempotent; the runtime's entry points call `install()` before
 they read anything.
 """
 
@@ -94,6 +100,83 @@ def data_only_loads(data: bytes, **kwargs: Any) -> Any:
     return data_only_load(io.BytesIO(data), **kwargs)
 
 
+class ExtraStateUnpickler(pickle.Unpickler):
+    """Builds TE's FP8 extra state (tensors, dicts, TE recipe dataclasses) and nothing else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        obj = _allowed_extra_state(module, name)
+        if obj is None:
+            raise pickle.UnpicklingError(
+                f"a checkpoint's Transformer Engine _extra_state refers to {module}.{name}, which TE's "
+                "FP8 state never holds; refusing to unpickle it (the file may be crafted to run code)")
+        return obj
+
+
+# Tensor rebuilders a pickled tensor names; `_load_from_bytes` runs torch.load, which
+# `enforce_weights_only` makes weights-only.
+_TENSOR_GLOBALS = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor_v3"),
+                   ("torch._utils", "_rebuild_parameter"), ("torch._tensor", "_rebuild_from_type_v2"),
+                   ("torch.storage", "_load_from_bytes"), ("torch", "Tensor"),
+                   ("torch.nn.parameter", "Parameter")}
+_TE_RECIPE_MODULES = ("transformer_engine.common.recipe",)
+
+
+def _allowed_extra_state(module: str, name: str) -> Any | None:
+    import importlib
+
+    if (module, name) in _TENSOR_GLOBALS:
+        return getattr(importlib.import_module(module), name)
+    if module in _TE_RECIPE_MODULES and "." not in name:
+        value = getattr(importlib.import_module(module), name, None)
+        if isinstance(value, type) and value.__module__ == module and (
+                dataclasses.is_dataclass(value) or issubclass(value, enum.Enum)):
+            return value
+        return None
+    return _allowed(module, name)
+
+
+def extra_state_loads(data: bytes, **kwargs: Any) -> Any:
+    """pickle.loads for TE's `_extra_state` bytes: refuses any global outside the allowlist."""
+    return ExtraStateUnpickler(io.BytesIO(data), **kwargs).load()
+
+
+# Modules that unpickle `_extra_state` with their module-level `pickle`.
+TE_EXTRA_STATE_MODULES = ("transformer_engine.pytorch.module.base", "megatron.core.extensions.transformer_engine")
+
+
+def guard_te_extra_state() -> list[str]:
+    """Swap the `pickle` of TE's and Megatron's TE modules for the extra-state-only one.
+
+    Only where Transformer Engine is installed (importing it is what a TE run does anyway);
+    returns the modules guarded, so a test can check that the swap happened."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is None:
+        return []
+    guarded = []
+    for name in TE_EXTRA_STATE_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except Exception:  # noqa: BLE001, S112 - a TE that does not import is reported where the model is built
+            continue
+        current = getattr(module, "pickle", None)
+        if getattr(current, "loads", None) is extra_state_loads:
+            guarded.append(name)
+        elif current is pickle:
+            module.pickle = _shim(loads=extra_state_loads, Unpickler=ExtraStateUnpickler)  # type: ignore[attr-defined]
+            guarded.append(name)
+    return guarded
+
+
+def _shim(**overrides: Any) -> types.SimpleNamespace:
+    """A stand-in for the `pickle` module: everything as is (dumps included) except the readers."""
+    shim = types.SimpleNamespace(**{k: getattr(pickle, k) for k in dir(pickle) if not k.startswith("__")})
+    for key, value in overrides.items():
+        setattr(shim, key, value)
+    return shim
+
+
 def guard_dcp_metadata() -> bool:
     """Make torch DCP's FileSystemReader read `.metadata` with the data-only unpickler; True if in place."""
     from torch.distributed.checkpoint import filesystem
@@ -103,9 +186,8 @@ def guard_dcp_metadata() -> bool:
         return True
     if current is not pickle:
         return False  # a torch that reads metadata some other way: nothing of ours to guard
-    shim = types.SimpleNamespace(**{k: getattr(pickle, k) for k in dir(pickle) if not k.startswith("__")})
-    shim.load, shim.loads, shim.Unpickler = data_only_load, data_only_loads, DataOnlyUnpickler
-    filesystem.pickle = shim  # type: ignore[attr-defined]
+    filesystem.pickle = _shim(load=data_only_load, loads=data_only_loads,  # type: ignore[attr-defined]
+                              Unpickler=DataOnlyUnpickler)
     return True
 
 
@@ -128,6 +210,7 @@ def refusal(exc: BaseException) -> str | None:
 
 
 def install() -> None:
-    """Both guards; called first by every runtime entry point."""
+    """Every guard; called first by every runtime entry point."""
     enforce_weights_only()
     guard_dcp_metadata()
+    guard_te_extra_state()

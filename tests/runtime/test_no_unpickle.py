@@ -5,6 +5,7 @@ the sentinel is never created and the run ends without a traceback."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -139,3 +140,45 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tmp_path: 
     assert second.returncode == 2, output[-4000:]
     assert "refers to posix.system" in output  # the .metadata refusal, named
     assert "iter_0000002" in output and "iter_0000004" in output
+
+
+@dataclasses.dataclass
+class FakeRecipe:
+    """Stands in for transformer_engine.common.recipe.DelayedScaling (TE is not installed on CPU)."""
+
+    margin: int = 0
+    amax_history_len: int = 1024
+
+
+def test_te_extra_state_loads_fp8_state_and_refuses_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What TE >= 2.0 pickles into `_extra_state` (recipe, scales, amax history) loads; a crafted
+    pickle in the same place is refused before it runs."""
+    monkeypatch.setattr(safe_load, "_TE_RECIPE_MODULES", (__name__,))
+    state = {"recipe": FakeRecipe(margin=2), "scale_fwd": torch.ones(3), "amax_history_fwd": torch.zeros(4, 3),
+             "extra_fp8_variables": {"num_gemms": 1, "global_fp8_buffer_pos_fwd": None},
+             "weight": torch.nn.Parameter(torch.randn(2, 2))}
+    loaded = safe_load.extra_state_loads(pickle.dumps(state))
+    assert loaded["recipe"] == FakeRecipe(margin=2)
+    assert torch.equal(loaded["scale_fwd"], state["scale_fwd"]) and torch.equal(loaded["weight"], state["weight"])
+    assert loaded["extra_fp8_variables"] == state["extra_fp8_variables"]
+    sentinel = tmp_path / "SENTINEL"
+    for crafted in ({"recipe": Payload(sentinel)}, {"scale_fwd": torch.ones(1), "x": [Payload(sentinel)]}):
+        with pytest.raises(pickle.UnpicklingError, match="posix.system"):
+            safe_load.extra_state_loads(pickle.dumps(crafted))
+    assert not sentinel.exists()
+
+
+def test_te_extra_state_guard_swaps_the_modules_pickle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where TE imports, its module's `pickle.loads` becomes the allowlisted one (GPU machine);
+    without TE nothing is touched."""
+    import importlib.util
+
+    guarded = safe_load.guard_te_extra_state()
+    if importlib.util.find_spec("transformer_engine") is None:
+        assert guarded == []
+        return
+    import transformer_engine.pytorch.module.base as te_base
+
+    assert "transformer_engine.pytorch.module.base" in guarded
+    assert te_base.pickle.loads is safe_load.extra_state_loads
+    assert te_base.pickle.dumps is pickle.dumps
