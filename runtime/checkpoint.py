@@ -1,39 +1,48 @@
-"""Atomic, resumable Megatron-Core dist checkpoints (torch_dist).
+"""Resuming from Megatron-Core dist checkpoints (torch_dist) that never lie.
 
-Layout under `checkpoint.save`:
-
-    iter_0000050/      a complete checkpoint (model, optimizer, scheduler, RNG, step,
-                       fingerprint) with recipec_manifest.json listing every file's size
-    latest             the newest complete step, rewritten last (atomic rename)
-
-A checkpoint is written into `.tmp_iter_XXXXXXX/`, its manifest written after every
-rank finished, and only then renamed into place; a crash or SIGTERM at any point
-leaves the previous checkpoint untouched. On resume the newest directory whose
-manifest matches the files on disk is used; a truncated or partial one is reported
-and skipped, so nothing a user trained is lost.
+The save side (atomic, hashed, fsynced, pruned) is ckpt_save.Saver; the layout of a checkpoint
+root is described there. On resume the newest `iter_N/` is used only if every file matches its
+manifest entry (size and SHA-256; the ranks share the reading) and the load itself succeeds on
+every rank. Anything else (a missing manifest, a truncated file, a block corrupted in place, a
+load failure of any kind, including torch DCP's CheckpointException, which is a BaseException)
+is reported, the directory is renamed `iter_N.bad` in the run's own checkpoint directory (so a
+relaunch does not retry it and pruning does not count it), and the previous one is tried. Only
+KeyboardInterrupt and SystemExit pass through. Every decision is one all-gather of the ranks'
+verdicts, so a failure on one rank's shard cannot leave the ranks divergent or waiting.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
-from megatron.core.dist_checkpointing.mapping import ShardedObject
-
 from recipec.compiler.errors import RecipeError
 
+from . import ckpt_manifest as manifest
+from .ckpt_manifest import MANIFEST, verify
+from .ckpt_save import (
+    LATEST,
+    CheckpointSaveError,
+    DiskFullError,
+    Saver,
+    complete_steps,
+    prune,
+    step_dir,
+)
+from .ckpt_state import layout, restore_rng, sharded_state
 from .device import prime_optimizer_state_for_load
 
+__all__ = ["LATEST", "MANIFEST", "CheckpointSaveError", "CheckpointUnusableError", "DiskFullError",
+           "LayoutChangeError", "Saver", "bad_checkpoints", "candidates", "complete_steps", "has_checkpoints",
+           "load_latest", "prune", "step_dir", "verify"]
+
 log = logging.getLogger("recipec.runtime")
-MANIFEST = "recipec_manifest.json"
-LATEST = "latest"
+BAD_SUFFIX = ".bad"
+BAD_NOTE = "RECIPEC_BAD.txt"
 
 
 class LayoutChangeError(RecipeError):
@@ -44,145 +53,102 @@ class CheckpointUnusableError(RecipeError):
     """Checkpoints exist but none loads: stop rather than silently train from scratch."""
 
 
-def _step_dir(root: Path, step: int) -> Path:
-    return root / f"iter_{step:07d}"
-
-
-def _layout() -> dict[str, int]:
-    return {
-        "tp": parallel_state.get_tensor_model_parallel_world_size(),
-        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
-        "dp": parallel_state.get_data_parallel_world_size(),
-    }
-
-
-def _rng_state() -> ShardedObject:
-    """This rank's RNG streams, sharded by (pp, tp) and replicated over DP (as Megatron-LM does)."""
-    state = {
-        "random": torch.random.get_rng_state(),
-        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-    }
-    pp, tp = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()
-    return ShardedObject(
-        "rng_state", state, (parallel_state.get_pipeline_model_parallel_world_size(),
-                             parallel_state.get_tensor_model_parallel_world_size()),
-        (pp, tp), replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True),
-    )
-
-
-def _state(chunks: list[Any], optimizer: Any, scheduler: Any, *, loading: bool, with_optimizer: bool,
-           with_rng: bool, sharding: str) -> dict[str, Any]:
-    # The unwrapped modules: DDP's state-dict keys carry a "module." prefix the model does not.
-    chunks = [getattr(chunk, "module", chunk) for chunk in chunks]
-    if len(chunks) == 1:
-        model_sd = chunks[0].sharded_state_dict()
-        state: dict[str, Any] = {"model": model_sd}
-    else:
-        model_sd = {}
-        state = {}
-        for i, chunk in enumerate(chunks):
-            sd = chunk.sharded_state_dict()
-            state[f"model{i}"] = sd
-            model_sd.update(sd)
-    if with_optimizer:
-        state["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=loading, metadata={"distrib_optim_sharding_type": sharding})
-        state["scheduler"] = scheduler.state_dict()
-    if with_rng:
-        state["rng_state"] = _rng_state()
-    return state
-
-
-def save(root: Path, step: int, chunks: list[Any], optimizer: Any, scheduler: Any, fingerprint: str,
-         keep_last: int | None, sharding: str) -> Path:
-    """Write checkpoint `step` atomically, then point `latest` at it and prune old ones."""
-    final, tmp = _step_dir(root, step), root / f".tmp_iter_{step:07d}"
-    rank0 = dist.get_rank() == 0
-    if rank0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    state = _state(chunks, optimizer, scheduler, loading=False, with_optimizer=True, with_rng=True, sharding=sharding)
-    state["recipec"] = {"step": step, "fingerprint": fingerprint, "layout": _layout()}
-    dist_checkpointing.save(state, str(tmp))
-    dist.barrier()
-    if rank0:
-        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        meta = {"step": step, "fingerprint": fingerprint, "layout": _layout(), "files": files,
-                "optimizer_sharding": sharding}
-        (tmp / MANIFEST).write_text(json.dumps(meta, indent=1, sort_keys=True))
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        marker = root / f".{LATEST}.tmp"
-        marker.write_text(f"{step}\n")
-        os.replace(marker, root / LATEST)
-        _fsync_dir(root)
-        if keep_last:
-            for old in sorted(complete_steps(root))[:-keep_last]:
-                shutil.rmtree(_step_dir(root, old), ignore_errors=True)
-    dist.barrier()
-    return final
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def complete_steps(root: Path) -> list[int]:
-    return [int(p.name[5:]) for p in root.glob("iter_*") if p.name[5:].isdigit() and (p / MANIFEST).exists()]
-
-
-def verify(directory: Path) -> str | None:
-    """Why `directory` is not a complete checkpoint, or None if it is."""
-    manifest = directory / MANIFEST
-    if not manifest.exists():
-        return "no manifest (the save never finished)"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (OSError, ValueError, KeyError) as exc:
-        return f"unreadable manifest ({exc})"
-    for name, size in files.items():
-        path = directory / name
-        if not path.exists():
-            return f"missing file {name}"
-        if path.stat().st_size != size:
-            return f"file {name} is {path.stat().st_size} bytes, expected {size} (truncated)"
-    return None
-
-
 def candidates(root: Path) -> list[Path]:
     """Checkpoint directories, newest first (including incomplete ones, to report them)."""
     steps = [p for p in root.glob("iter_*") if p.name[5:].isdigit()]
     return sorted(steps, key=lambda p: int(p.name[5:]), reverse=True)
 
 
+def bad_checkpoints(root: Path) -> list[Path]:
+    """Directories marked bad by an earlier resume (`iter_N.bad`, `iter_N.bad2`, ...)."""
+    return sorted(p for p in root.glob(f"iter_*{BAD_SUFFIX}*") if p.is_dir())
+
+
+def has_checkpoints(root: Path) -> bool:
+    return root.is_dir() and bool(candidates(root) or bad_checkpoints(root))
+
+
+def _mark_bad(directory: Path, problem: str) -> Path | None:
+    """Rename a failed checkpoint out of the candidates, with the reason inside; None if impossible."""
+    for n in range(1, 100):
+        target = directory.with_name(directory.name + BAD_SUFFIX + ("" if n == 1 else str(n)))
+        if not target.exists():
+            break
+    try:
+        directory.rename(target)
+        (target / BAD_NOTE).write_text(f"{problem}\n")
+        manifest.fsync_dir(directory.parent)
+    except OSError as exc:
+        log.warning(f"could not mark {directory} as bad ({exc}); it will be tried again next time")
+        return None
+    return target
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for any load failure; CheckpointException hides its ranks' causes in `.failures`."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:  # its str() is a traceback; the causes are the news
+        _, value = next(iter(failures.items()))
+        cause = value[0] if isinstance(value, tuple) and value else value
+        text = f"{type(exc).__name__} on rank(s) {sorted(failures)}: {type(cause).__name__}: {cause}"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())[:600]
+
+
+def _agree(local: str | None) -> str | None:
+    """The first rank's problem, known to every rank (one all-gather), or None if no rank has one."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    everyone: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, local)
+    return next(((f"rank {r}: {p}" if r else p) for r, p in enumerate(everyone) if p is not None), None)
+
+
+def _verify_shared(directory: Path) -> str | None:
+    """Sizes and hashes of every file, each rank reading its share; collective."""
+    meta, problem = manifest.read_manifest(directory)
+    if meta is not None:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        try:
+            files = meta["files"]
+            problem = manifest.check_files(directory, files, hashes=False) if rank == 0 else None
+            mine = [n for n in sorted(files) if manifest.owner(n, world) == rank]
+            problem = problem or manifest.check_files(directory, files, mine)
+        except OSError as exc:
+            problem = f"unreadable ({exc})"
+    return _agree(problem)
+
+
 def load_latest(root: Path, chunks: list[Any], optimizer: Any, scheduler: Any, fingerprint: str,
-                *, with_optimizer: bool = True, require: bool = False) -> int:
-    """Load the newest good checkpoint under `root`; the step to continue from (0 if none)."""
+                *, with_optimizer: bool = True, require: bool = False, mark_bad: bool = False) -> int:
+    """Load the newest good checkpoint under `root`; the step to continue from (0 if none).
+
+    mark_bad: rename failed ones to `iter_N.bad` (the run's own checkpoint directory only: a
+    directory another run or user owns is reported on, never changed).
+    """
     tried: list[str] = []
+    rank0 = dist.get_rank() == 0
+    marked_before = bad_checkpoints(root)
     for directory in candidates(root):
-        problem = verify(directory)
+        problem = _verify_shared(directory)
         if problem is None:
-            try:
-                return _load(directory, chunks, optimizer, scheduler, fingerprint, with_optimizer)
-            except LayoutChangeError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a corrupt checkpoint must not end the run
-                problem = f"{type(exc).__name__}: {exc}"
-        if dist.get_rank() == 0:
-            log.warning("checkpoint %s is unusable: %s; trying the previous one", directory, problem)
+            step, problem = _try_load(directory, chunks, optimizer, scheduler, fingerprint, with_optimizer)
+            if step is not None:
+                return step
+        moved = None
+        if mark_bad and rank0:
+            moved = _mark_bad(directory, problem)
+        if rank0:
+            where = f"; moved to {moved.name}" if moved else ""
+            log.warning(f"checkpoint {directory} is unusable: {problem}{where}; trying the previous one")
         tried.append(f"{directory.name}: {problem}")
-    if tried:
+        dist.barrier()
+    if tried or marked_before:
         # A failed load may have written into the model; starting over would also bury the run.
+        earlier = [f"{p.name} (marked bad earlier: {_bad_reason(p)})" for p in marked_before]
         raise CheckpointUnusableError(
-            f"no usable checkpoint under {root} ({'; '.join(tried)}); move the directory away to start "
+            f"no usable checkpoint under {root} ({'; '.join(tried + earlier)}); move the directory away to start "
             "a fresh run, or point checkpoint.load at a good one")
     if require:
         raise CheckpointUnusableError(f"no checkpoint under {root} (expected iter_*/ directories from recipec "
@@ -190,12 +156,46 @@ def load_latest(root: Path, chunks: list[Any], optimizer: Any, scheduler: Any, f
     return 0
 
 
-def _load(directory: Path, chunks: list[Any], optimizer: Any, scheduler: Any, fingerprint: str,
-          with_optimizer: bool) -> int:
+def _bad_reason(directory: Path) -> str:
+    try:
+        return (directory / BAD_NOTE).read_text().strip()[:300] or "no reason recorded"
+    except OSError:
+        return "no reason recorded"
+
+
+def _try_load(directory: Path, chunks: list[Any], optimizer: Any, scheduler: Any, fingerprint: str,
+              with_optimizer: bool) -> tuple[int | None, str]:
+    """(step, "") when every rank loaded `directory`, else (None, the first rank's failure)."""
+    local: str | None = None
+    step: int | None = None
+    try:
+        step = _load(directory, chunks, optimizer, scheduler, with_optimizer)
+    except LayoutChangeError as exc:
+        local = f"layout:{exc}"
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - any failure (CheckpointException is a BaseException)
+        local = _describe(exc)
+    problem = _agree(local)
+    if problem is not None:
+        if "layout:" in problem:
+            raise LayoutChangeError(problem.split("layout:", 1)[1])
+        return None, problem
+    if dist.get_rank() == 0:
+        meta = json.loads((directory / MANIFEST).read_text())
+        note = "" if meta.get("fingerprint") == fingerprint else " (saved by a different compiled recipe)"
+        log.info("resumed from %s at step %d%s", directory, step, note)
+    return step, ""
+
+
+def _load(directory: Path, chunks: list[Any], optimizer: Any, scheduler: Any, with_optimizer: bool) -> int:
+    from megatron.core import dist_checkpointing
+
     meta = json.loads((directory / MANIFEST).read_text())
-    same_layout = meta.get("layout") == _layout()
+    now = layout()
+    saved = meta.get("layout", {})
+    same_layout = saved == now
     sharding = meta.get("optimizer_sharding", "fully_reshardable")
-    saved, now = meta.get("layout", {}), _layout()
     if with_optimizer and sharding == "dp_reshardable" and (saved.get("tp"), saved.get("pp")) != (now["tp"], now["pp"]):
         raise LayoutChangeError(
             f"{directory} holds dp_reshardable optimizer state saved under TP {saved.get('tp')} x PP "
@@ -204,8 +204,8 @@ def _load(directory: Path, chunks: list[Any], optimizer: Any, scheduler: Any, fi
     if with_optimizer:
         prime_optimizer_state_for_load(optimizer)
     with torch.no_grad():
-        state = _state(chunks, optimizer, scheduler, loading=True, with_optimizer=with_optimizer,
-                       with_rng=same_layout, sharding=sharding)
+        state = sharded_state(chunks, optimizer, scheduler, loading=True, with_optimizer=with_optimizer,
+                              with_rng=same_layout, sharding=sharding)
         loaded = dist_checkpointing.load(state, str(directory))
     for i, chunk in enumerate(chunks):
         getattr(chunk, "module", chunk).load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=True)
@@ -213,12 +213,15 @@ def _load(directory: Path, chunks: list[Any], optimizer: Any, scheduler: Any, fi
         optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["scheduler"])
     if same_layout and "rng_state" in loaded:
-        rng = loaded["rng_state"]
-        torch.random.set_rng_state(rng["random"])
-        tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
-        if rng.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-    if dist.get_rank() == 0:
-        note = "" if meta.get("fingerprint") == fingerprint else " (saved by a different compiled recipe)"
-        log.info("resumed from %s at step %d%s", directory, meta["step"], note)
+        restore_rng(loaded["rng_state"])
     return int(meta["step"])
+
+
+def save(root: Path, step: int, chunks: list[Any], optimizer: Any, scheduler: Any, fingerprint: str,
+         keep_last: int | None, sharding: str, device: torch.device | None = None) -> Path:
+    """Write checkpoint `step` and complete it before returning (the training loop uses Saver)."""
+    saver = Saver(root, fingerprint, keep_last, sharding, device or torch.device("cpu"))
+    saver.save(step, chunks, optimizer, scheduler)
+    final = saver.finish()
+    assert final is not None
+    return final

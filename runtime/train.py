@@ -38,6 +38,11 @@ def _setup_logging() -> None:
         logging.getLogger("recipec.runtime").setLevel(logging.WARNING)
     # Megatron-Core logs every bucket's parameter list and its whole configs at INFO.
     logging.getLogger("megatron").setLevel(logging.WARNING)
+    # torch DCP logs a failed metadata read with its whole traceback (on the root logger) before
+    # raising; recipec's checkpoint loader reports the same failure in one line and falls back.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda r: r.levelno >= logging.ERROR or "torch/distributed/checkpoint/" not in
+                          r.pathname.replace("\\", "/"))
     import warnings
 
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
@@ -48,12 +53,19 @@ def _setup_logging() -> None:
 
 
 class StopSignal:
-    """Remembers SIGTERM/SIGUSR1 so the loop can finish its step, save and exit cleanly."""
+    """Remembers SIGTERM/SIGUSR1/SIGINT so the loop can finish its step, save and exit cleanly.
 
-    def __init__(self) -> None:
+    Installed when run() starts, so a signal that lands during start-up, resume or a save is
+    remembered too (the loop then stops at its next flush, after a completed save). With
+    train.exit_signal_handler=false nothing is installed: the signals keep their default action.
+    Checkpoint writer processes forked during a save ignore these signals (ckpt_workers).
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
         self.received: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        if enabled:
+            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+                signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, _frame: Any) -> None:
         self.received = signum
@@ -213,15 +225,19 @@ def run(artifact: Artifact) -> int:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from . import checkpoint as ckpt
+    from .ckpt_workers import install as children_die_with_this_rank
     from .data import build_datasets, step_microbatches
     from .device import activate_cpu_mode
     from .init import keyed_init
     from .metrics import Meter
     from .model import build_model_chunks, wrap_ddp
     from .profiling import Profiler
+    from .run_lock import lock_run_directories
     from .tokenizer import build_tokenizer
 
     c, plan = artifact.config, artifact.plan
+    stop = StopSignal(c.train.exit_signal_handler)
+    children_die_with_this_rank()  # processes this rank forks (checkpoint writers, data workers) end with it
     from .layer_spec import uses_transformer_engine
 
     uses_transformer_engine(c.model.transformer_impl, c.train.torch_compile)  # a missing TE fails here, first
@@ -234,6 +250,8 @@ def run(artifact: Artifact) -> int:
     device = _init_distributed(c, on_gpu)
     rank0 = dist.get_rank() == 0
     out_dir = Path(c.launch.output_dir.format(name=c.name))
+    # One run owns its directories: a second run on them stops here (exit 2), before it reads or writes.
+    run_lock = lock_run_directories([out_dir, c.checkpoint.save])
     if rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -252,7 +270,7 @@ def run(artifact: Artifact) -> int:
         load_hf_into_chunks(ck.pretrained, chunks, c, plan["padded_vocab_size"])
         log.info(f"loaded Hugging Face weights from {ck.pretrained}")
     load_dir = ck.load or ck.save
-    resumable = bool(load_dir) and Path(load_dir).is_dir() and bool(ckpt.candidates(Path(load_dir)))
+    resumable = bool(load_dir) and ckpt.has_checkpoints(Path(load_dir))
     if ck.pretrained and not hf_pretrained and not resumable:
         # Base weights go into the bare model, before adapters, DDP and the optimizer's copies exist.
         loaded = ckpt.load_latest(Path(ck.pretrained), chunks, None, None, artifact.fingerprint,
@@ -283,7 +301,9 @@ def run(artifact: Artifact) -> int:
 
     step = 0
     if resumable:
-        step = ckpt.load_latest(Path(load_dir), ddp_chunks, optimizer, scheduler, artifact.fingerprint)
+        # Failed checkpoints are renamed iter_N.bad only in this run's own (locked) directory.
+        own = bool(ck.save) and Path(load_dir).resolve() == Path(ck.save).resolve()
+        step = ckpt.load_latest(Path(load_dir), ddp_chunks, optimizer, scheduler, artifact.fingerprint, mark_bad=own)
     if step:
         scheduler.step(increment=0)
         scheduler.num_steps = step
@@ -294,7 +314,8 @@ def run(artifact: Artifact) -> int:
         forward_backward = _full_iteration_graph(forward_backward, c)
     if c.train.cuda_graph != "none":
         log.info(f"CUDA graphs: {c.train.cuda_graph}, captured after {c.train.cuda_graph_warmup_steps} eager steps")
-    stop = StopSignal()
+    saver = ckpt.Saver(Path(ck.save), artifact.fingerprint, ck.keep_last, ck.optimizer_sharding, device) \
+        if ck.save else None
     meter = Meter(plan, out_dir, dist.get_world_size(), c.logging.tensorboard_dir, writer=rank0)
     profiler = Profiler(c.profiling, dist.get_rank(), out_dir, on_gpu)
     model_arg = ddp_chunks if len(ddp_chunks) > 1 else ddp_chunks[0]
@@ -327,6 +348,8 @@ def run(artifact: Artifact) -> int:
             step += 1
             norm = float(grad_norm) if grad_norm is not None else None
             if norm is not None and not math.isfinite(norm):  # the global norm: every rank stops here
+                if saver is not None:
+                    saver.finish()  # a checkpoint still being hashed predates the divergence: complete it
                 raise DivergedError(f"gradient norm is {norm} at step {step}; stopping without saving, so the "
                                     f"last checkpoint ({last_saved or 'none'}) stays the last good one")
             pending.append((step, _local_loss(outputs, device), optimizer.param_groups[0]["lr"], norm, ok))
@@ -335,6 +358,8 @@ def run(artifact: Artifact) -> int:
                 log.info(f"CUDA graphs ({c.train.cuda_graph}) {'captured and replaying' if captured else 'NOT captured: eager'}"
                          f" at step {step}")
             profiler.after_step(step)
+            if saver is not None:
+                saver.poll()  # a checkpoint being hashed completes as soon as every rank is done (no-op if none)
             if gc_interval and step % gc_interval == 0:
                 gc.collect()
             due_save = bool(ck.save_interval and step % ck.save_interval == 0)
@@ -353,20 +378,25 @@ def run(artifact: Artifact) -> int:
                 meter.report(step, c.train.train_iters, losses[-1], lr, norm)
             if due_eval:
                 _evaluate(c, ddp_chunks, valid_data, step, device, common, forward_backward)
-            if ck.save and (due_save or stopping or last) and step != last_saved:
-                path = ckpt.save(Path(ck.save), step, ddp_chunks, optimizer, scheduler, artifact.fingerprint, ck.keep_last,
-                                 ck.optimizer_sharding)
-                last_saved = step
-                if rank0:
-                    log.info(f"saved checkpoint {path}")
+            if saver is not None:
+                if (due_save or stopping or last) and step != last_saved:
+                    # Returns once the data is written; hashing and the rename into place follow.
+                    saver.save(step, ddp_chunks, optimizer, scheduler)
+                    last_saved = step
+                if stopping or last:
+                    saver.finish()  # waits for the hashes: the run ends with a complete checkpoint
             if stopping and rank0:
                 log.info(f"stopping at step {step} on signal {stop.received or 'from another rank'}; "
                          f"{'checkpoint saved' if ck.save else 'no checkpoint.save configured'}")
+    if saver is not None:
+        saver.finish()
     meter.close()
     profiler.close()
     dist.barrier()
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
+    if run_lock is not None:
+        run_lock.release()
     return 0
 
 
@@ -398,19 +428,36 @@ def _is_hf_dir(path: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """One rank's run. The runtime's exit-2 boundary (runtime/boundary.py): a user's or a file's
+    mistake is one `recipec: error:` message and exit 2, a bug keeps its traceback."""
+    from . import boundary
+    from .safe_load import install
+
+    install()  # weights-only torch.load and data-only DCP metadata, before anything is read
     parser = argparse.ArgumentParser(prog="python -m recipec.runtime.train", description=__doc__)
     parser.add_argument("--artifact", required=True, help="build directory (or its plan.json) from `recipec build`")
     args = parser.parse_args(argv)
     _setup_logging()
-    try:
+    missing = boundary.missing_launcher_env()
+
+    def body() -> int:
         artifact = load_artifact(args.artifact)
-        return run(artifact)
-    except RecipeError as exc:
-        print(f"recipec: error: {exc}", file=sys.stderr)
-        return 2
-    except DivergedError as exc:
-        print(f"recipec: error: training diverged: {exc}", file=sys.stderr)
-        return 1
+        try:
+            return run(artifact)
+        except ValueError as exc:
+            # torch's env:// rendezvous: "environment variable RANK expected, but not set". Checked
+            # here, not up front, so the artifact's own errors (checked first in run) still show.
+            if missing and "expected, but not set" in str(exc):
+                raise boundary.not_launched(missing, args.artifact) from None
+            raise
+        except DivergedError as exc:
+            print(f"recipec: error: training diverged: {exc}", file=sys.stderr)
+            return 1
+
+    code = boundary.guarded(body)
+    if code:
+        boundary.release_distributed()
+    return code
 
 
 if __name__ == "__main__":

@@ -331,7 +331,7 @@ def test_lora_checkpoint_saved_under_tp2_resumes_under_tp1(root: Path, lora_base
 
 
 def test_divergence_stops_without_overwriting_the_last_good_checkpoint(root: Path) -> None:
-    run = Run(root, "diverged", 1, "train.train_iters=10", "optimizer.lr=1e30", "optimizer.min_lr=0",
+    run = Run(root, "diverged", 1, "train.train_iters=10", "optimizer.lr=10", "optimizer.min_lr=0",
               "scheduler.lr_warmup_fraction=0", "checkpoint.save_interval=1")
     proc = subprocess.run(run.command(), env=run.env(), capture_output=True, text=True, timeout=300, cwd=run.dir)
     assert proc.returncode != 0

@@ -1,0 +1,298 @@
+"""Writing checkpoints that never lie: atomic, hashed, fsynced, pruned without losing the newest.
+
+Layout under `checkpoint.save`:
+
+    iter_0000050/      a complete checkpoint (model, optimizer, scheduler, RNG, step, fingerprint)
+                       with recipec_manifest.json: every file's size and SHA-256
+    iter_0000040.bad/  a checkpoint that failed verification or loading (kept for inspection)
+    latest             the newest complete step (information; resume scans the directories)
+    .lock              the run lock (runtime/run_lock.py)
+
+A save is two collective steps. `Saver.save()` writes `.tmp_iter_N/` with Megatron's
+dist_checkpointing and returns: the training loop continues while a background thread on each
+rank hashes and fsyncs the files that rank owns (ckpt_manifest.owner). `Saver.poll()` (at the
+loop's flush points) and `Saver.finish()` (before the next save and at the end) then gather the
+hashes, write the manifest, fsync it and the directory, and only then rename the directory into
+place and prune. Until that rename a crash or a signal leaves the previous checkpoints as they
+were; `finish()` runs before any stop, so a stop signal always ends in a complete checkpoint.
+
+Every failure is agreed on by all ranks (one all-reduce of a flag), so a failure on one rank
+cannot leave the others waiting in a collective or continuing alone. A full disk (ENOSPC or
+EDQUOT anywhere in the exception chain, a failing probe write, or less free space than the
+previous checkpoint took) is reported as "disk full at <path>" (exit 2), the partial directory
+is removed, and the previous checkpoint is untouched.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from recipec.compiler.errors import RecipeError
+
+from . import ckpt_manifest as manifest
+from .ckpt_state import layout, sharded_state
+from .ckpt_workers import protected_writers
+
+log = logging.getLogger("recipec.runtime")
+LATEST = "latest"
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
+
+
+class DiskFullError(RecipeError):
+    """The checkpoint does not fit on its file system; the previous one is intact."""
+
+
+class CheckpointSaveError(RecipeError):
+    """The file system refused a checkpoint write (permissions, read-only, I/O error)."""
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"iter_{step:07d}"
+
+
+def complete_steps(root: Path) -> list[int]:
+    """Steps with a renamed-into-place directory and a manifest (not checked further)."""
+    return [int(p.name[5:]) for p in root.glob("iter_*") if p.name[5:].isdigit() and (p / manifest.MANIFEST).exists()]
+
+
+def prune(root: Path, keep_last: int, newest_verified: int) -> list[int]:
+    """Delete all but the newest `keep_last` complete checkpoints, never `newest_verified`."""
+    doomed = [s for s in sorted(complete_steps(root))[:-keep_last] if s != newest_verified]
+    for s in doomed:
+        shutil.rmtree(step_dir(root, s), ignore_errors=True)
+    return doomed
+
+
+@dataclass
+class _Pending:
+    step: int
+    tmp: Path
+    final: Path
+    hasher: manifest.Hasher
+    meta: dict[str, Any]
+    stall_s: float = 0.0  # how long save() held up training
+
+
+class Saver:
+    """Saves checkpoints under `root`; collective: every rank calls every method at the same step."""
+
+    def __init__(self, root: Path, fingerprint: str, keep_last: int | None, sharding: str,
+                 device: torch.device) -> None:
+        self.root, self.fingerprint, self.keep_last, self.sharding = root, fingerprint, keep_last, sharding
+        self.device = device
+        self.pending: _Pending | None = None
+
+    def save(self, step: int, chunks: list[Any], optimizer: Any, scheduler: Any) -> None:
+        """Write checkpoint `step` into its temporary directory; it completes at poll()/finish()."""
+        started = time.perf_counter()
+        self.finish()
+        final, tmp = step_dir(self.root, step), self.root / f".tmp_iter_{step:07d}"
+        self._prepare(step, tmp)
+        state = sharded_state(chunks, optimizer, scheduler, loading=False, with_optimizer=True, with_rng=True,
+                              sharding=self.sharding)
+        meta = {"step": step, "fingerprint": self.fingerprint, "layout": layout(), "optimizer_sharding": self.sharding}
+        state["recipec"] = {"step": step, "fingerprint": self.fingerprint, "layout": meta["layout"]}
+        error: BaseException | None = None
+        try:
+            from megatron.core import dist_checkpointing
+
+            with protected_writers():
+                dist_checkpointing.save(state, str(tmp))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - CheckpointException is a BaseException; agreed below
+            error = exc
+        self._agree(error, tmp, step)
+        world, rank = dist.get_world_size(), dist.get_rank()
+        mine = [n for n in manifest.listing(tmp) if manifest.owner(n, world) == rank]
+        hasher = manifest.Hasher(tmp, mine)
+        hasher.start()
+        self.pending = _Pending(step, tmp, final, hasher, meta, stall_s=time.perf_counter() - started)
+
+    def poll(self) -> Path | None:
+        """Complete the pending checkpoint if every rank has hashed its files (one small all-reduce)."""
+        if self.pending is None:
+            return None
+        busy = torch.tensor([1.0 if self.pending.hasher.is_alive() else 0.0], device=self.device)
+        dist.all_reduce(busy)
+        return None if busy.item() > 0 else self.finish()
+
+    def finish(self) -> Path | None:
+        """Wait for the hashes, write the manifest, rename into place, prune; the completed path."""
+        p, self.pending = self.pending, None
+        if p is None:
+            return None
+        files: dict[str, Any] = {}
+        error: BaseException | None = None
+        try:
+            files = p.hasher.result()
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - agreed below
+            error = exc
+        self._agree(error, p.tmp, p.step)
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, files)
+        error = None
+        if dist.get_rank() == 0:
+            try:
+                self._complete(p, {k: v for part in gathered for k, v in part.items()})
+            except OSError as exc:
+                error = exc
+        self._agree(error, p.tmp, p.step)
+        if dist.get_rank() == 0:
+            self._after_complete(p.step)
+            log.info(f"saved checkpoint {p.final} (training paused {p.stall_s:.2f} s for it)")
+        dist.barrier()
+        return p.final
+
+    def _complete(self, p: _Pending, files: dict[str, Any]) -> None:
+        for name in manifest.listing(p.tmp):  # anything no rank claimed (none expected): hash it here
+            if name not in files:
+                files[name] = manifest.hash_file(p.tmp / name, fsync=True)
+        manifest.write_manifest(p.tmp, p.meta, files)
+        if p.final.exists():
+            shutil.rmtree(p.final)
+        os.replace(p.tmp, p.final)
+        manifest.fsync_dir(self.root)
+
+    def _after_complete(self, step: int) -> None:
+        """`latest` and pruning: the checkpoint is already complete, so a failure here only warns."""
+        try:
+            manifest.write_durably(self.root / LATEST, f"{step}\n")
+            if self.keep_last:
+                prune(self.root, self.keep_last, newest_verified=step)
+        except OSError as exc:
+            log.warning(f"checkpoint {step_dir(self.root, step)} is complete, but updating {LATEST} or pruning "
+                        f"failed: {exc}")
+
+    def _prepare(self, step: int, tmp: Path) -> None:
+        """Rank 0 makes the temporary directory, unless the save cannot fit (less free space than
+        the newest checkpoint took) or the directory cannot be made; every rank learns which."""
+        message: list[str | None] = [None]
+        if dist.get_rank() == 0:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                steps = sorted(complete_steps(self.root))
+                need = manifest.total_bytes(step_dir(self.root, steps[-1])) if steps else None
+                free = _free_bytes(self.root)
+                if need and free < need:
+                    message[0] = "full:" + _full_message(self.root, step, free, need, removed=None)
+                else:
+                    # No save is pending and the run lock keeps other runs out: any .tmp_iter_* is
+                    # left over from a run that died mid-save and only takes space.
+                    for stale in self.root.glob(".tmp_iter_*"):
+                        shutil.rmtree(stale, ignore_errors=True)
+                    tmp.mkdir()
+            except OSError as exc:
+                message[0] = (f"io:cannot write checkpoints under {self.root}: {os.strerror(exc.errno or 0)} "
+                              f"({exc.filename or self.root})")
+        _broadcast(message)
+        if message[0]:
+            kind, text = message[0].split(":", 1)
+            raise (DiskFullError if kind == "full" else CheckpointSaveError)(text)
+
+    def _agree(self, error: BaseException | None, tmp: Path, step: int) -> None:
+        """All ranks learn whether any rank failed; then all raise (rank 0's verdict) and tmp is removed."""
+        flags = torch.tensor([1.0 if error is not None else 0.0, 1.0 if says_disk_full(error) else 0.0],
+                             device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        failed, full = flags.tolist()
+        if not failed:
+            return
+        verdict: list[str | None] = [None]
+        if dist.get_rank() == 0:
+            full = full or _probe_full(tmp if tmp.is_dir() else self.root)
+            steps = sorted(complete_steps(self.root))
+            need = manifest.total_bytes(step_dir(self.root, steps[-1])) if steps else None
+            free = _free_bytes(self.root) + _tree_bytes(tmp)
+            full = full or bool(need and free < need)
+            shutil.rmtree(tmp, ignore_errors=True)
+            if full:
+                verdict[0] = "full:" + _full_message(self.root, step, _free_bytes(self.root), need, removed=tmp)
+            elif (os_error := _os_error(error)) is not None:
+                verdict[0] = (f"io:could not write checkpoint step {step} under {self.root}: "
+                              f"{os.strerror(os_error.errno or 0)} ({os_error.filename or tmp}); removed the "
+                              f"partial {tmp.name}, earlier checkpoints are untouched")
+        _broadcast(verdict)
+        if verdict[0]:
+            kind, text = verdict[0].split(":", 1)
+            raise (DiskFullError if kind == "full" else CheckpointSaveError)(text) from error
+        if error is not None:
+            raise error
+        raise RuntimeError(f"checkpoint save of step {step} failed on another rank (its log has the cause); "
+                           "earlier checkpoints are untouched")
+
+
+def _broadcast(box: list[Any]) -> None:
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """exc, its causes and contexts, and the per-rank failures a torch DCP CheckpointException carries."""
+    stack, seen = [exc], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        stack += [e.__cause__, e.__context__, *(a for a in e.args if isinstance(a, BaseException))]
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            for value in failures.values():
+                stack += [x for x in (value if isinstance(value, tuple) else (value,)) if isinstance(x, BaseException)]
+
+
+def says_disk_full(exc: BaseException | None) -> bool:
+    return any((isinstance(e, OSError) and e.errno in _FULL_ERRNOS) or any(t in str(e) for t in _FULL_TEXT)
+               for e in _chain(exc))
+
+
+def _os_error(exc: BaseException | None) -> OSError | None:
+    return next((e for e in _chain(exc) if isinstance(e, OSError) and e.errno), None)
+
+
+def _free_bytes(path: Path) -> int:
+    """Bytes this process may still write there (root may use the reserved blocks)."""
+    st = os.statvfs(path)
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def _probe_full(directory: Path) -> bool:
+    """Whether writing 1 MiB there fails with ENOSPC/EDQUOT (quota is invisible to statvfs)."""
+    probe = directory / ".recipec_space_probe"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        return exc.errno in _FULL_ERRNOS
+    finally:
+        probe.unlink(missing_ok=True)
+    return False
+
+
+def _full_message(root: Path, step: int, free: int, need: int | None, removed: Path | None) -> str:
+    size = f"; the last checkpoint took {need / 2**20:.1f} MiB" if need else ""
+    gone = f"; removed the partial {removed.name}" if removed is not None else ""
+    return (f"disk full at {root}: checkpoint step {step} does not fit ({free / 2**20:.1f} MiB free{size}){gone}; "
+            f"earlier checkpoints are untouched\n   hint: free space there, lower checkpoint.keep_last, or point "
+            "checkpoint.save at a larger file system, then relaunch to resume from the last complete checkpoint")
