@@ -33,6 +33,7 @@ import io
 import os
 import pickle
 import re
+import sys
 import types
 from typing import Any, BinaryIO
 
@@ -117,7 +118,9 @@ class ExtraStateUnpickler(pickle.Unpickler):
 _TENSOR_GLOBALS = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor_v3"),
                    ("torch._utils", "_rebuild_parameter"), ("torch._tensor", "_rebuild_from_type_v2"),
                    ("torch.storage", "_load_from_bytes"), ("torch", "Tensor"),
-                   ("torch.nn.parameter", "Parameter")}
+                   ("torch.nn.parameter", "Parameter"),
+                   # megatron-core >= 0.19 reduces storages to this weights-only torch.load
+                   ("megatron.core.safe_globals", "safe_load_from_bytes")}
 _TE_RECIPE_MODULES = ("transformer_engine.common.recipe",)
 
 
@@ -129,10 +132,23 @@ def _allowed_extra_state(module: str, name: str) -> Any | None:
     if module in _TE_RECIPE_MODULES and "." not in name:
         value = getattr(importlib.import_module(module), name, None)
         if isinstance(value, type) and value.__module__ == module and (
-                dataclasses.is_dataclass(value) or issubclass(value, enum.Enum)):
+                dataclasses.is_dataclass(value) or issubclass(value, enum.Enum) or _is_namedtuple(value)):
+            return value
+        return None
+    if module.startswith(TE_EXTRA_STATE_PACKAGES) and "." not in name:
+        # Megatron's own recipe classes (TEDelayedScaling ...): dataclasses deriving from TE's Recipe.
+        value = getattr(sys.modules.get(module), name, None)
+        recipe_base = getattr(sys.modules.get(_TE_RECIPE_MODULES[0]), "Recipe", None)
+        if (isinstance(value, type) and isinstance(recipe_base, type) and value.__module__ == module
+                and dataclasses.is_dataclass(value) and issubclass(value, recipe_base)):
             return value
         return None
     return _allowed(module, name)
+
+
+def _is_namedtuple(cls: type) -> bool:
+    """TE's `Format` enum holds `_FormatHelper` namedtuples: plain data, built by tuple.__new__."""
+    return issubclass(cls, tuple) and hasattr(cls, "_fields") and cls.__reduce_ex__ is tuple.__reduce_ex__
 
 
 def extra_state_loads(data: bytes, **kwargs: Any) -> Any:
@@ -140,33 +156,44 @@ def extra_state_loads(data: bytes, **kwargs: Any) -> Any:
     return ExtraStateUnpickler(io.BytesIO(data), **kwargs).load()
 
 
-# Modules that unpickle `_extra_state` with their module-level `pickle`.
-TE_EXTRA_STATE_MODULES = ("transformer_engine.pytorch.module.base", "megatron.core.extensions.transformer_engine")
+# Where `_extra_state` is unpickled with a module-level `pickle`: TE's modules (module/base.py
+# and ops/op.py in TE 2.20) and Megatron-Core's TE extension (0.16; 0.19 has its own SafeUnpickler).
+TE_EXTRA_STATE_PACKAGES = ("transformer_engine.", "megatron.core.extensions.")
+# TE >= 2.20 refuses pickled extra state unless this is set; with every unpickling module guarded
+# the load is data-only, so the runtime sets it itself (else FP8 delayed-scaling runs cannot resume).
+TE_PICKLE_OPT_IN = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
 
 
 def guard_te_extra_state() -> list[str]:
-    """Swap the `pickle` of TE's and Megatron's TE modules for the extra-state-only one.
+    """Swap the `pickle` of every loaded TE / Megatron-TE module for the extra-state-only one.
 
-    Only where Transformer Engine is installed (importing it is what a TE run does anyway);
-    returns the modules guarded, so a test can check that the swap happened."""
+    Only where Transformer Engine is installed (importing it is what a TE run does anyway).
+    Returns the modules guarded, so a test can check that the swap happened; when any are,
+    TE's own opt-in for pickled extra state is set, since what it would unpickle is now data only."""
     import importlib
     import importlib.util
+    import sys
 
     if importlib.util.find_spec("transformer_engine") is None:
         return []
-    guarded = []
-    for name in TE_EXTRA_STATE_MODULES:
+    for name in ("transformer_engine.pytorch", "megatron.core.extensions.transformer_engine"):
         try:
-            module = importlib.import_module(name)
+            importlib.import_module(name)
         except Exception:  # noqa: BLE001, S112 - a TE that does not import is reported where the model is built
             continue
+    guarded = []
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith(TE_EXTRA_STATE_PACKAGES):
+            continue
         current = getattr(module, "pickle", None)
-        if getattr(current, "loads", None) is extra_state_loads:
-            guarded.append(name)
-        elif current is pickle:
+        if current is pickle:
             module.pickle = _shim(loads=extra_state_loads, Unpickler=ExtraStateUnpickler)  # type: ignore[attr-defined]
-            guarded.append(name)
-    return guarded
+        elif getattr(current, "loads", None) is not extra_state_loads:
+            continue
+        guarded.append(name)
+    if guarded:
+        os.environ[TE_PICKLE_OPT_IN] = "1"
+    return sorted(guarded)
 
 
 def _shim(**overrides: Any) -> types.SimpleNamespace:

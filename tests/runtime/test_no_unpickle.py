@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -150,15 +151,22 @@ class FakeRecipe:
     amax_history_len: int = 1024
 
 
+class FakeFormatHelper(typing.NamedTuple):
+    """Stands in for transformer_engine.common.recipe._FormatHelper (held by its Format enum)."""
+
+    max_fwd: float
+    max_bwd: float
+
+
 def test_te_extra_state_loads_fp8_state_and_refuses_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What TE >= 2.0 pickles into `_extra_state` (recipe, scales, amax history) loads; a crafted
     pickle in the same place is refused before it runs."""
     monkeypatch.setattr(safe_load, "_TE_RECIPE_MODULES", (__name__,))
-    state = {"recipe": FakeRecipe(margin=2), "scale_fwd": torch.ones(3), "amax_history_fwd": torch.zeros(4, 3),
+    state = {"recipe": FakeRecipe(margin=2), "format": FakeFormatHelper(448.0, 57344.0), "scale_fwd": torch.ones(3), "amax_history_fwd": torch.zeros(4, 3),
              "extra_fp8_variables": {"num_gemms": 1, "global_fp8_buffer_pos_fwd": None},
              "weight": torch.nn.Parameter(torch.randn(2, 2))}
     loaded = safe_load.extra_state_loads(pickle.dumps(state))
-    assert loaded["recipe"] == FakeRecipe(margin=2)
+    assert loaded["recipe"] == FakeRecipe(margin=2) and loaded["format"] == FakeFormatHelper(448.0, 57344.0)
     assert torch.equal(loaded["scale_fwd"], state["scale_fwd"]) and torch.equal(loaded["weight"], state["weight"])
     assert loaded["extra_fp8_variables"] == state["extra_fp8_variables"]
     sentinel = tmp_path / "SENTINEL"
