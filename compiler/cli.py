@@ -201,16 +201,18 @@ def list_cmd() -> None:
 @click.option("-o", "--out", metavar="DIR", help="Build directory (default build/<name>).")
 @click.option("--node-rank", metavar="K", help="local executor, nodes > 1: run node K's share.")
 @click.option("--master", metavar="ADDR[:PORT]", help="Rendezvous host (node 0) for --node-rank; sets launch.master_addr.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Show every line: library warnings from every rank, torchrun's banners (RECIPEC_VERBOSE=1).")
 @_user_errors
 def launch_cmd(recipe: str, overrides: tuple[str, ...], files: tuple[str, ...], nodes: str | None,
                gpus_per_node: str | None, executor: str | None, dry_run: bool, out: str | None,
-               node_rank: str | None, master: str | None) -> None:
+               node_rank: str | None, master: str | None, verbose: bool) -> None:
     """Compile RECIPE with OVERRIDES, write the build directory, then run it (torchrun) or submit it (sbatch)."""
     from .launcher import flag_overrides, launch
 
     extra = flag_overrides(nodes=nodes, gpus_per_node=gpus_per_node, executor=executor, master=master)
     compiled = _compile(recipe, (*overrides, *extra), files, out)
-    sys.exit(launch(compiled, out=out, dry_run=dry_run, node_rank=node_rank, echo=click.echo))
+    sys.exit(launch(compiled, out=out, dry_run=dry_run, node_rank=node_rank, verbose=verbose, echo=click.echo))
 
 
 @main.command("import-hf")

@@ -9,6 +9,11 @@ torch, sequence parallel on local modules, the rendezvous port on node 0), then 
 supervised torchrun here; slurm submits job.sbatch (the login node is not checked: it is not
 the machine that runs).
 
+`--verbose` travels as the environment variable RECIPEC_VERBOSE=1 (supervisor.VERBOSE_ENV),
+which the supervisor and every rank read: an environment variable reaches the ranks however
+they are started (torchrun here, srun on a SLURM node, launch.sh by hand) without changing the
+compiled artifact, so a verbose run and a quiet one share one fingerprint.
+
 Nothing here imports torch; torchrun and sbatch are subprocesses.
 """
 
@@ -76,9 +81,11 @@ def launch(
     out: str | None = None,
     dry_run: bool = False,
     node_rank: str | None = None,
+    verbose: bool = False,
     echo: Echo = click.echo,
 ) -> int:
-    """Check, write the build directory, then run or submit it. Returns the process exit code."""
+    """Check, write the build directory, then run or submit it. Returns the process exit code.
+    `verbose`: the ranks and the supervisor show every line (library warnings, torchrun's banners)."""
     rank = _node_rank(compiled, node_rank)
     executor = executor_for(compiled.config.launch.executor)
-    return executor.launch(compiled, out=out, dry_run=dry_run, node_rank=rank, echo=echo)
+    return executor.launch(compiled, out=out, dry_run=dry_run, node_rank=rank, verbose=verbose, echo=echo)

@@ -18,6 +18,14 @@ printed `recipec: error: ...`) is returned as 2, and torchrun's ChildFailedError
 which says nothing the rank's message did not, is left out. Any other failure report is
 passed through unchanged.
 
+Output a person reads: torchrun's start-up banner ("Setting OMP_NUM_THREADS environment variable
+...", between rows of stars) is dropped, and so is a rank's `recipec: error:` message (with its
+indented hint lines) that another rank has already printed word for word: every rank checks the
+same recipe and data, so a user error arrives once per rank. Every other line passes. With
+`RECIPEC_VERBOSE=1` in the environment (`recipec launch --verbose`, or `RECIPEC_VERBOSE=1
+./launch.sh`) nothing is dropped here, and the ranks, which inherit the variable, keep every
+library warning too (runtime/logs.py).
+
 The rendezvous (see rendezvous.py) is checked here too, because this is the one process
 every node runs before torchrun, whoever started it: on node 0 of a multi-node run the
 rendezvous port must be free before torchrun starts; a rendezvous that fails in torch, or in
@@ -37,7 +45,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 from typing import IO
 
@@ -46,6 +54,8 @@ from .rendezvous import Rendezvous
 
 Echo = Callable[..., None]
 USER_ERROR = 2
+# Set (to anything but "0") for every line of every process: `recipec launch --verbose`.
+VERBOSE_ENV = "RECIPEC_VERBOSE"
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
 POLL_S = 0.5  # how often the rendezvous watchdog looks for the first rank
 KILL_GRACE_S = 15  # after SIGTERM to a torchrun stuck in its rendezvous, before SIGKILL
@@ -58,6 +68,19 @@ _REPORT_START = re.compile(
 )
 _RANK_LINE = re.compile(rb"^\[[A-Za-z][\w-]*?\d+\]:")  # --tee's prefix: [default0]:
 _ROOT_EXIT = re.compile(rb"Root Cause.*?exitcode\s*:\s*(-?\d+)", re.DOTALL)
+# torchrun's banners: a blank line, a row of stars, the text, a row of stars (each line may carry
+# the glog prefix `W0101 12:00:00.000 123 torch/distributed/run.py:876] `).
+_GLOG = rb"^(?:[EWI]\d{4} [^\]]*\] ?)?"
+_BLANK = re.compile(_GLOG + rb"\s*$")
+_STARS = re.compile(_GLOG + rb"\*{10,}\s*$")
+# The banners nobody needs: recipec's plan sets OMP_NUM_THREADS itself (compiler/plan.py).
+NOISE_BANNERS = (b"Setting OMP_NUM_THREADS environment variable",)
+_BANNER_MAX_LINES = 8  # a "banner" longer than this is not one: its lines pass
+
+
+def is_verbose(environ: Mapping[str, str]) -> bool:
+    """Whether `environ` asks for every line (VERBOSE_ENV set, and not to "0")."""
+    return environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
 def _stderr_echo(message: str, err: bool = True) -> None:
@@ -89,29 +112,101 @@ def children(pid: int) -> list[int]:
     return kids
 
 
+class BannerFilter:
+    """Drops torchrun's noise banners (NOISE_BANNERS) from its own lines; all else passes, in order.
+
+    A banner is recognised only whole: a row of stars, at most a few lines, a row of stars (and
+    the blank line before it). Lines are held while a banner may be starting and given back
+    unchanged as soon as it is not one of the noise banners, so nothing else is ever lost.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled  # off (--verbose): every line passes at once
+        self.held: list[bytes] = []
+        self.inside = False  # the opening row of stars has been seen
+
+    def feed(self, line: bytes) -> list[bytes]:
+        """The lines to write now (possibly none, possibly held ones)."""
+        if not self.enabled:
+            return [line]
+        if self.inside:
+            self.held.append(line)
+            if _STARS.match(line):
+                block, self.held, self.inside = self.held, [], False
+                return [] if any(text in b"".join(block) for text in NOISE_BANNERS) else block
+            return self.flush() if len(self.held) > _BANNER_MAX_LINES else []
+        if _STARS.match(line):
+            self.held.append(line)
+            self.inside = True
+            return []
+        out = self.flush()
+        if _BLANK.match(line):
+            self.held = [line]
+            return out
+        return [*out, line]
+
+    def flush(self) -> list[bytes]:
+        """Everything held, given back (the end of the stream, or not a banner after all)."""
+        out, self.held, self.inside = self.held, [], False
+        return out
+
+
+class RepeatedErrors:
+    """Drops a rank's `recipec: error:` message, and its indented lines, when another rank has
+    printed the same message already (see the module doc). Anything else a rank says passes."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.headline: dict[bytes, bytes | None] = {}  # rank prefix -> the error message it is printing
+        self.said: dict[tuple[bytes, bytes], bytes] = {}  # (message, line) -> the rank that printed it
+
+    def keep(self, line: bytes) -> bool:
+        match = _RANK_LINE.match(line)
+        if not self.enabled or match is None:
+            return True
+        rank, body = match.group(0), line[match.end():]
+        if body.startswith(b"recipec: error:"):
+            self.headline[rank] = body
+        elif not body.startswith((b" ", b"\t")):
+            self.headline[rank] = None
+        headline = self.headline.get(rank)
+        if headline is None:
+            return True
+        first = self.said.setdefault((headline, body), rank)
+        return first == rank
+
+
 class ReportFilter(threading.Thread):
     """Copies torchrun's stderr line by line, holding back its failure report until the end.
 
-    The ranks' own lines (prefixed `[defaultN]:` by --tee) always pass at once, and so do
-    torchrun's until its failure report starts; from then on its lines are kept, and
-    `finish()` decides whether they are shown (anything but a rank's user error) or dropped.
+    The ranks' own lines (prefixed `[defaultN]:` by --tee) pass at once (a user error once, not
+    once per rank, unless `verbose`), and so do torchrun's until its failure report starts (less
+    its noise banners, unless `verbose`); from then on its lines are kept, and `finish()`
+    decides whether they are shown (anything but a rank's user error) or dropped.
     """
 
-    def __init__(self, source: IO[bytes], sink: IO[bytes]) -> None:
+    def __init__(self, source: IO[bytes], sink: IO[bytes], *, verbose: bool = False) -> None:
         super().__init__(daemon=True, name="recipec-stderr")
         self.source, self.sink = source, sink
         self.held: list[bytes] = []
+        self.banners = BannerFilter(enabled=not verbose)
+        self.repeats = RepeatedErrors(enabled=not verbose)
 
     def run(self) -> None:
         for line in iter(self.source.readline, b""):
-            if _RANK_LINE.match(line):  # a rank's own words always pass
-                self._write(line)
+            if _RANK_LINE.match(line):  # a rank's own words pass (once, for a user error)
+                if self.repeats.keep(line):
+                    self._write(line)
             elif self.held or _REPORT_START.match(line):
+                self._write(b"".join(self.banners.flush()))
                 self.held.append(line)
             else:
-                self._write(line)
+                self._write(b"".join(self.banners.feed(line)))
+        self._write(b"".join(self.banners.flush()))
 
     def _write(self, data: bytes) -> None:
+        if not data:
+            return
         try:
             self.sink.write(data)
             self.sink.flush()
@@ -171,7 +266,7 @@ def run_torchrun(argv: Sequence[str], env: dict[str, str] | None = None, echo: E
         if early:
             _stop(proc, received, echo)
         assert proc.stderr is not None
-        report = ReportFilter(proc.stderr, sys.stderr.buffer)
+        report = ReportFilter(proc.stderr, sys.stderr.buffer, verbose=is_verbose(os.environ if env is None else env))
         report.start()
         code, waited, ranks_ran = _wait(proc, rdzv, received)
     finally:

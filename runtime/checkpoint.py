@@ -9,12 +9,21 @@ is reported, the directory is renamed `iter_N.bad` in the run's own checkpoint d
 relaunch does not retry it and pruning does not count it), and the previous one is tried. Only
 KeyboardInterrupt and SystemExit pass through. Every decision is one all-gather of the ranks'
 verdicts, so a failure on one rank's shard cannot leave the ranks divergent or waiting.
+
+Two failures are not damage and never mark anything bad: a checkpoint of another model (found
+from the manifest's model record before anything is read, or from Megatron's shape and key
+mismatch errors for older manifests; ckpt_compat) and one saved under a layout its optimizer
+state cannot be resharded from. Both stop the run (exit 2) and leave the checkpoints as they are.
+Loads log what they read and how long verifying and loading took; the LR schedule a resumed run
+follows is the saved one (ckpt_state.restore_schedule) and is logged too.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +31,9 @@ import torch
 import torch.distributed as dist
 from recipec.compiler.errors import RecipeError
 
+from . import ckpt_compat as compat
 from . import ckpt_manifest as manifest
+from .ckpt_compat import ModelChangeError
 from .ckpt_manifest import MANIFEST, verify
 from .ckpt_save import (
     LATEST,
@@ -33,12 +44,12 @@ from .ckpt_save import (
     prune,
     step_dir,
 )
-from .ckpt_state import layout, restore_rng, sharded_state
+from .ckpt_state import layout, restore_rng, restore_schedule, sharded_state
 from .device import prime_optimizer_state_for_load
 
 __all__ = ["LATEST", "MANIFEST", "CheckpointSaveError", "CheckpointUnusableError", "DiskFullError",
-           "LayoutChangeError", "Saver", "bad_checkpoints", "candidates", "complete_steps", "has_checkpoints",
-           "load_latest", "prune", "step_dir", "verify"]
+           "LayoutChangeError", "ModelChangeError", "Saver", "bad_checkpoints", "candidates", "complete_steps",
+           "has_checkpoints", "load_latest", "prune", "refuse_model_change", "step_dir", "verify"]
 
 log = logging.getLogger("recipec.runtime")
 BAD_SUFFIX = ".bad"
@@ -120,20 +131,55 @@ def _verify_shared(directory: Path) -> str | None:
     return _agree(problem)
 
 
+def _check_model(directory: Path, model: dict[str, Any] | None, source: str) -> None:
+    """Raise ModelChangeError (on every rank) if `directory`'s manifest records another model's shapes."""
+    local = None
+    meta, _ = manifest.read_manifest(directory)
+    if meta is not None and model:
+        structure, _ = compat.differences(meta, model)
+        if structure:
+            local = str(compat.refusal(directory, source, structure))
+    problem = _agree(local)
+    if problem is not None:
+        raise ModelChangeError(problem)
+
+
+def refuse_model_change(root: Path, model: dict[str, Any], source: str) -> None:
+    """Before any model is built: stop if the checkpoint a resume would start with holds another model.
+
+    Collective. Looks at the newest directory with a manifest; load_latest checks each one it tries."""
+    for directory in candidates(root):
+        if (directory / MANIFEST).is_file():
+            _check_model(directory, model, source)
+            return
+
+
 def load_latest(root: Path, chunks: list[Any], optimizer: Any, scheduler: Any, fingerprint: str,
-                *, with_optimizer: bool = True, require: bool = False, mark_bad: bool = False) -> int:
+                *, with_optimizer: bool = True, require: bool = False, mark_bad: bool = False,
+                model: dict[str, Any] | None = None, source: str = "checkpoint.load",
+                override_schedule: bool = False) -> int:
     """Load the newest good checkpoint under `root`; the step to continue from (0 if none).
 
     mark_bad: rename failed ones to `iter_N.bad` (the run's own checkpoint directory only: a
     directory another run or user owns is reported on, never changed).
+    model: this run's ckpt_compat.model_record; a checkpoint of another model is refused by name.
+    source: the config key that names `root` (for the messages).
+    override_schedule: keep this recipe's LR schedule instead of the saved one.
     """
     tried: list[str] = []
     rank0 = dist.get_rank() == 0
     marked_before = bad_checkpoints(root)
     for directory in candidates(root):
+        _check_model(directory, model, source)
+        meta, _ = manifest.read_manifest(directory)
+        if rank0 and meta is not None:
+            log.info(f"verifying {directory} ({len(meta['files'])} files, "
+                     f"{manifest.human(manifest.size_of(meta['files']))}) before loading it")
+        started = time.perf_counter()
         problem = _verify_shared(directory)
         if problem is None:
-            step, problem = _try_load(directory, chunks, optimizer, scheduler, fingerprint, with_optimizer)
+            load = _Load(directory, source, model, with_optimizer, override_schedule, time.perf_counter() - started)
+            step, problem = _try_load(load, chunks, optimizer, scheduler, fingerprint)
             if step is not None:
                 return step
         moved = None
@@ -163,34 +209,64 @@ def _bad_reason(directory: Path) -> str:
         return "no reason recorded"
 
 
-def _try_load(directory: Path, chunks: list[Any], optimizer: Any, scheduler: Any, fingerprint: str,
-              with_optimizer: bool) -> tuple[int | None, str]:
-    """(step, "") when every rank loaded `directory`, else (None, the first rank's failure)."""
+@dataclass(frozen=True)
+class _Load:
+    """One load attempt: where, for which config key and model, and how long verifying took."""
+
+    directory: Path
+    source: str
+    model: dict[str, Any] | None
+    with_optimizer: bool
+    override_schedule: bool
+    verified_s: float
+
+
+def _try_load(load: _Load, chunks: list[Any], optimizer: Any, scheduler: Any,
+              fingerprint: str) -> tuple[int | None, str]:
+    """(step, "") when every rank loaded the directory, else (None, the first rank's failure).
+
+    A shape or key mismatch stops the run (ModelChangeError) instead of counting as damage: the
+    files verified intact, so the tensors belong to another model."""
     local: str | None = None
     step: int | None = None
+    schedule = ""
+    started = time.perf_counter()
     try:
-        step = _load(directory, chunks, optimizer, scheduler, with_optimizer)
+        step, schedule = _load(load, chunks, optimizer, scheduler)
     except LayoutChangeError as exc:
         local = f"layout:{exc}"
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - any failure (CheckpointException is a BaseException)
         local = _describe(exc)
+    loaded_s = time.perf_counter() - started
     problem = _agree(local)
+    meta = json.loads((load.directory / MANIFEST).read_text())
     if problem is not None:
         if "layout:" in problem:
             raise LayoutChangeError(problem.split("layout:", 1)[1])
+        if compat.is_model_mismatch(problem):
+            raise compat.mismatch_refusal(load.directory, load.source, problem, recorded="model" in meta)
         return None, problem
     if dist.get_rank() == 0:
-        meta = json.loads((directory / MANIFEST).read_text())
         note = "" if meta.get("fingerprint") == fingerprint else " (saved by a different compiled recipe)"
-        log.info("resumed from %s at step %d%s", directory, step, note)
+        size = manifest.size_of(meta["files"])
+        log.info(f"resumed from {load.directory} at step {step}{note}: verified {len(meta['files'])} files "
+                 f"({manifest.human(size)}) in {load.verified_s:.2f} s, loaded in {loaded_s:.2f} s "
+                 f"({manifest.human(size / max(loaded_s, 1e-9))}/s)")
+        _, math = compat.differences(meta, load.model or {})
+        if math and load.source != "checkpoint.pretrained":  # a fine-tune from weights changes them on purpose
+            log.warning(compat.warning(load.directory, math))
+        if schedule:
+            log.info(schedule)
     return step, ""
 
 
-def _load(directory: Path, chunks: list[Any], optimizer: Any, scheduler: Any, with_optimizer: bool) -> int:
+def _load(load: _Load, chunks: list[Any], optimizer: Any, scheduler: Any) -> tuple[int, str]:
+    """(the saved step, the LR schedule line for the log, or "" without optimizer state)."""
     from megatron.core import dist_checkpointing
 
+    directory, with_optimizer = load.directory, load.with_optimizer
     meta = json.loads((directory / MANIFEST).read_text())
     now = layout()
     saved = meta.get("layout", {})
@@ -209,12 +285,13 @@ def _load(directory: Path, chunks: list[Any], optimizer: Any, scheduler: Any, wi
         loaded = dist_checkpointing.load(state, str(directory))
     for i, chunk in enumerate(chunks):
         getattr(chunk, "module", chunk).load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=True)
+    schedule = ""
     if with_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
-        scheduler.load_state_dict(loaded["scheduler"])
+        schedule = restore_schedule(scheduler, loaded["scheduler"], override=load.override_schedule)
     if same_layout and "rng_state" in loaded:
         restore_rng(loaded["rng_state"])
-    return int(meta["step"])
+    return int(meta["step"]), schedule
 
 
 def save(root: Path, step: int, chunks: list[Any], optimizer: Any, scheduler: Any, fingerprint: str,

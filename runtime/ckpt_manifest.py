@@ -23,6 +23,7 @@ import json
 import os
 import re
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +68,16 @@ class Hasher(threading.Thread):
         self.directory, self.names = directory, names
         self.files: dict[str, dict[str, Any]] = {}
         self.error: BaseException | None = None
+        self.seconds = 0.0  # how long hashing took (for the save's log line)
 
     def run(self) -> None:
+        started = time.perf_counter()
         try:
             for name in self.names:
                 self.files[name] = hash_file(self.directory / name, fsync=True)
         except BaseException as exc:  # noqa: BLE001 - reported by result(), in the main thread
             self.error = exc
+        self.seconds = time.perf_counter() - started
 
     def result(self) -> dict[str, dict[str, Any]]:
         self.join()
@@ -148,9 +152,22 @@ def verify(directory: Path) -> str | None:
     return check_files(directory, meta["files"])
 
 
+def size_of(files: dict[str, Any]) -> int:
+    """Bytes of the files a manifest lists (entries of either manifest generation)."""
+    return sum(e if isinstance(e, int) else int(e.get("size", 0)) for e in files.values())
+
+
+def human(size: float) -> str:
+    """`size` bytes for a log line: 13.7 MiB."""
+    units, i = ("B", "KiB", "MiB", "GiB", "TiB"), 0
+    while size >= 1024 and i < len(units) - 1:
+        size, i = size / 1024, i + 1
+    return f"{size:.0f} B" if i == 0 else f"{size:.1f} {units[i]}"
+
+
 def total_bytes(directory: Path) -> int | None:
     """The size of a complete checkpoint according to its manifest (None when unreadable)."""
     meta, _ = read_manifest(directory)
     if meta is None:
         return None
-    return sum(e if isinstance(e, int) else int(e.get("size", 0)) for e in meta["files"].values())
+    return size_of(meta["files"])

@@ -3,7 +3,8 @@
 Layout under `checkpoint.save`:
 
     iter_0000050/      a complete checkpoint (model, optimizer, scheduler, RNG, step, fingerprint)
-                       with recipec_manifest.json: every file's size and SHA-256
+                       with recipec_manifest.json: every file's size and SHA-256, and the
+                       resolved [model] it was trained with (ckpt_compat)
     iter_0000040.bad/  a checkpoint that failed verification or loading (kept for inspection)
     latest             the newest complete step (information; resume scans the directories)
     .lock              the run lock (runtime/run_lock.py)
@@ -82,15 +83,18 @@ class _Pending:
     hasher: manifest.Hasher
     meta: dict[str, Any]
     stall_s: float = 0.0  # how long save() held up training
+    write_s: float = 0.0  # of which Megatron's write of the files
 
 
 class Saver:
     """Saves checkpoints under `root`; collective: every rank calls every method at the same step."""
 
     def __init__(self, root: Path, fingerprint: str, keep_last: int | None, sharding: str,
-                 device: torch.device) -> None:
+                 device: torch.device, model: dict[str, Any] | None = None) -> None:
+        """model: what the manifest records about the model (ckpt_compat.model_record), so a resume
+        with another model is refused by name instead of failing inside the loader."""
         self.root, self.fingerprint, self.keep_last, self.sharding = root, fingerprint, keep_last, sharding
-        self.device = device
+        self.device, self.model = device, model or {}
         self.pending: _Pending | None = None
 
     def save(self, step: int, chunks: list[Any], optimizer: Any, scheduler: Any) -> None:
@@ -101,14 +105,18 @@ class Saver:
         self._prepare(step, tmp)
         state = sharded_state(chunks, optimizer, scheduler, loading=False, with_optimizer=True, with_rng=True,
                               sharding=self.sharding)
-        meta = {"step": step, "fingerprint": self.fingerprint, "layout": layout(), "optimizer_sharding": self.sharding}
+        meta = {"step": step, "fingerprint": self.fingerprint, "layout": layout(), "optimizer_sharding": self.sharding,
+                **self.model}
         state["recipec"] = {"step": step, "fingerprint": self.fingerprint, "layout": meta["layout"]}
         error: BaseException | None = None
+        write_s = 0.0
         try:
             from megatron.core import dist_checkpointing
 
+            writing = time.perf_counter()
             with protected_writers():
                 dist_checkpointing.save(state, str(tmp))
+            write_s = time.perf_counter() - writing
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:  # noqa: BLE001 - CheckpointException is a BaseException; agreed below
@@ -118,7 +126,8 @@ class Saver:
         mine = [n for n in manifest.listing(tmp) if manifest.owner(n, world) == rank]
         hasher = manifest.Hasher(tmp, mine)
         hasher.start()
-        self.pending = _Pending(step, tmp, final, hasher, meta, stall_s=time.perf_counter() - started)
+        self.pending = _Pending(step, tmp, final, hasher, meta, stall_s=time.perf_counter() - started,
+                                write_s=write_s)
 
     def poll(self) -> Path | None:
         """Complete the pending checkpoint if every rank has hashed its files (one small all-reduce)."""
@@ -143,21 +152,22 @@ class Saver:
             error = exc
         self._agree(error, p.tmp, p.step)
         gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, files)
-        error = None
+        dist.all_gather_object(gathered, (files, p.hasher.seconds))
+        error, size = None, 0
         if dist.get_rank() == 0:
             try:
-                self._complete(p, {k: v for part in gathered for k, v in part.items()})
+                size = self._complete(p, {k: v for part, _ in gathered for k, v in part.items()})
             except OSError as exc:
                 error = exc
         self._agree(error, p.tmp, p.step)
         if dist.get_rank() == 0:
             self._after_complete(p.step)
-            log.info(f"saved checkpoint {p.final} (training paused {p.stall_s:.2f} s for it)")
+            log.info(_saved_line(p, size, max(s for _, s in gathered)))
         dist.barrier()
         return p.final
 
-    def _complete(self, p: _Pending, files: dict[str, Any]) -> None:
+    def _complete(self, p: _Pending, files: dict[str, Any]) -> int:
+        """Write the manifest and rename the checkpoint into place; its size in bytes."""
         for name in manifest.listing(p.tmp):  # anything no rank claimed (none expected): hash it here
             if name not in files:
                 files[name] = manifest.hash_file(p.tmp / name, fsync=True)
@@ -166,6 +176,7 @@ class Saver:
             shutil.rmtree(p.final)
         os.replace(p.tmp, p.final)
         manifest.fsync_dir(self.root)
+        return manifest.size_of(files)
 
     def _after_complete(self, step: int) -> None:
         """`latest` and pruning: the checkpoint is already complete, so a failure here only warns."""
@@ -233,6 +244,18 @@ class Saver:
             raise error
         raise RuntimeError(f"checkpoint save of step {step} failed on another rank (its log has the cause); "
                            "earlier checkpoints are untouched")
+
+
+def _saved_line(p: _Pending, size: int, hashed_s: float) -> str:
+    """The save's log line: `saved checkpoint .../iter_0000010 (13.0 MiB, written at 110.2 MiB/s) in
+    0.12 s (+0.02 s hashing in the background)`.
+
+    "in" is how long training paused for the save (the write, and waiting for an earlier save's
+    hashes if they were not done); the hashing and fsync that complete it ran on the slowest rank
+    for the "+" time while training went on."""
+    rate = f", written at {manifest.human(size / p.write_s)}/s" if p.write_s > 0 else ""
+    return (f"saved checkpoint {p.final} ({manifest.human(size)}{rate}) in {p.stall_s:.2f} s "
+            f"(+{hashed_s:.2f} s hashing in the background)")
 
 
 def _broadcast(box: list[Any]) -> None:

@@ -65,3 +65,46 @@ def restore_rng(rng: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
+
+
+_SCHEDULE_KEYS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style", "start_wd", "end_wd")
+_OVERRIDE = "scheduler.override_opt_param_scheduler"
+
+
+def _schedule(sd: dict[str, Any], wd: bool) -> str:
+    warmup = sd["lr_warmup_steps"]
+    text = (f"{warmup} warmup step{'' if warmup == 1 else 's'}, {sd['lr_decay_style']} {sd['max_lr']:g} -> "
+            f"{sd['min_lr']:g} by step {sd['lr_decay_steps']}")
+    return text + (f", weight decay {sd['start_wd']:g}" if wd else "")
+
+
+def restore_schedule(scheduler: Any, saved: dict[str, Any], *, override: bool) -> str:
+    """Put the saved LR schedule back into `scheduler` (or keep this recipe's); the line for the log.
+
+    Why the saved one by default: the schedule is part of the run, as in Megatron-LM (its
+    `use_checkpoint_opt_param_scheduler`). A finished run extended by raising train.train_iters
+    otherwise re-derives lr_decay_iters from the new train_iters and the LR jumps back up (3e-4
+    to 1.65e-3 on the tiny recipe). So a resumed run keeps the saved max/min LR, warmup, decay
+    steps and style (and weight decay) and continues from the saved step: past the saved decay
+    the LR stays at min_lr. `scheduler.override_opt_param_scheduler = true` (Megatron's
+    `override_opt_param_scheduler`) is how a user asks for this recipe's schedule instead, from
+    the saved step on. The warmup's start LR and WSD's decay length are not in Megatron's saved
+    state and always come from the recipe.
+    """
+    recipe = {k: v for k, v in scheduler.state_dict().items() if k in _SCHEDULE_KEYS}
+    scheduler.override_opt_param_scheduler = override
+    scheduler.use_checkpoint_opt_param_scheduler = not override
+    scheduler.num_steps = 0  # load_state_dict advances by the saved count
+    scheduler.load_state_dict(saved)
+    stored = {k: saved.get(k, recipe[k]) for k in _SCHEDULE_KEYS}
+    step = int(saved.get("num_steps", 0))
+    wd = (stored["start_wd"], stored["end_wd"]) != (recipe["start_wd"], recipe["end_wd"])
+    if override:
+        replaced = "" if stored == recipe else f", replacing the saved one ({_schedule(stored, wd)})"
+        return (f"LR schedule: this recipe's, as {_OVERRIDE}=true asks ({_schedule(recipe, wd)}){replaced}, "
+                f"from step {step + 1}")
+    ignored = "" if stored == recipe else f", not this recipe's ({_schedule(recipe, wd)})"
+    ended = f"; it ended at step {stored['lr_decay_steps']}, so the LR stays at min_lr" \
+        if step >= stored["lr_decay_steps"] and stored["lr_decay_style"] != "constant" else ""
+    return (f"LR schedule: continuing the saved one ({_schedule(stored, wd)}){ignored}{ended}; {_OVERRIDE}=true "
+            f"switches to this recipe's from step {step + 1}")

@@ -2,6 +2,11 @@
 
 Throughput is model FLOPs from the compiler's plan (Megatron's formula) over
 wall time; MFU is that against the accelerator's dense peak from the plan.
+
+The progress line is one line per log interval from rank 0, with what a person can act on:
+ms/step and tokens/s always; TFLOP/s and MFU only where the accelerator's peak is known
+(compiler/hardware.py: not for "cpu", where "0.0 TFLOP/s/GPU" said nothing true); memory on
+CUDA; skipped steps only when there were any. metrics.jsonl keeps every field either way.
 """
 
 from __future__ import annotations
@@ -65,12 +70,7 @@ class Meter:
             self.jsonl.write(json.dumps({"step": step, "window_steps": self.window_steps, **stats}) + "\n")
             self.jsonl.flush()
         if self.writer:
-            norm = f"{grad_norm:.3f}" if grad_norm is not None else "n/a"
-            mfu = f" | MFU {stats['mfu'] * 100:.1f}%" if self.peak else ""
-            mem = f" | mem {stats['mem_gib']:.1f} GiB" if stats["mem_gib"] else ""
-            log.info(f"step {step:>6}/{total} | loss {loss:.4f} | lr {lr:.3e} | grad norm {norm} | "
-                     f"skipped {self.skipped} | {stats['step_time_s'] * 1000:.0f} ms/step | "
-                     f"{stats['tokens_per_s']:,.0f} tok/s | {tflops:.1f} TFLOP/s/GPU{mfu}{mem}")
+            log.info(progress_line(step, total, loss, lr, grad_norm, stats, self.skipped, self.peak))
             if self.tb:
                 for key, value in {"loss": loss, "lr": lr, **stats}.items():
                     self.tb.add_scalar(key, value, step)
@@ -83,3 +83,18 @@ class Meter:
             self.jsonl.close()
         if self.tb:
             self.tb.close()
+
+
+def progress_line(step: int, total: int, loss: float, lr: float, grad_norm: float | None, stats: dict[str, float],
+                  skipped: int, peak_tflops: float) -> str:
+    """The console line of one log interval (see the module doc for what it leaves out and why)."""
+    norm = f"{grad_norm:.3f}" if grad_norm is not None else "n/a"
+    parts = [f"step {step:>{len(str(total))}}/{total}", f"loss {loss:.4f}", f"lr {lr:.3e}", f"grad norm {norm}"]
+    if skipped:
+        parts.append(f"skipped {skipped}")
+    parts += [f"{stats['step_time_s'] * 1000:.0f} ms/step", f"{stats['tokens_per_s']:,.0f} tok/s"]
+    if peak_tflops:
+        parts += [f"{stats['tflops_per_gpu']:.1f} TFLOP/s/GPU", f"MFU {stats['mfu'] * 100:.1f}%"]
+    if stats["mem_gib"]:
+        parts.append(f"mem {stats['mem_gib']:.1f} GiB")
+    return " | ".join(parts)

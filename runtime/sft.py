@@ -49,6 +49,7 @@ import torch
 from recipec.compiler.errors import RecipeError
 
 from .cache import build_once, content_key, short_hash, temp_path
+from .logs import Progress
 
 log = logging.getLogger("recipec.runtime")
 
@@ -153,8 +154,9 @@ def parse_line(path: str, line: int, text: str, tokenizer: Any) -> tuple[list[in
     return ids + [tokenizer.eod], target + [1]
 
 
-def tokenize_file(path: str, tokenizer: Any, seq_length: int) -> dict[str, Any]:
-    """Every record of one file, truncated to seq_length + 1 tokens, as flat arrays."""
+def tokenize_file(path: str, tokenizer: Any, seq_length: int, progress: Progress | None = None) -> dict[str, Any]:
+    """Every record of one file, truncated to seq_length + 1 tokens, as flat arrays (`progress` hears
+    of each line read, and logs while a large file is being read)."""
     ids_all: list[int] = []
     target_all: list[int] = []
     offsets = [0]
@@ -167,6 +169,8 @@ def tokenize_file(path: str, tokenizer: Any, seq_length: int) -> dict[str, Any]:
         raise SFTDataError(f"cannot read sft data file {path}: {exc.strerror}") from None
     with handle:
         for number, raw in enumerate(handle, 1):
+            if progress is not None:
+                progress.update(number)
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -199,7 +203,8 @@ def _cache_path(path: str, tokenizer: Any, seq_length: int, cache_dir: Path) -> 
 
 
 def _build_cache(path: str, tokenizer: Any, seq_length: int, target: Path) -> None:
-    arrays = tokenize_file(path, tokenizer, seq_length)
+    progress = Progress(f"tokenizing sft file {path}", unit="lines")
+    arrays = tokenize_file(path, tokenizer, seq_length, progress)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(target, ".npz")
     try:
@@ -207,6 +212,8 @@ def _build_cache(path: str, tokenizer: Any, seq_length: int, target: Path) -> No
         os.replace(tmp, target)
     finally:  # a failed write (a full disk) leaves no half-written temporary behind
         tmp.unlink(missing_ok=True)
+    log.info(f"tokenized sft file {path}: {len(arrays['offsets']) - 1:,} examples, {len(arrays['ids']):,} tokens "
+             f"in {progress.elapsed()} (cached at {target})")
 
 
 def _read_cache(target: Path) -> dict[str, Any] | None:
@@ -232,12 +239,18 @@ def load_tokenized(paths: list[str], tokenizer: Any, seq_length: int, cache_dir:
     def ready() -> bool:
         return all(t.exists() for t in targets)
 
+    built: set[Path] = set()
+
     def build() -> None:
         for p, t in zip(paths, targets):
             if not t.exists():
                 _build_cache(p, tokenizer, seq_length, t)
+                built.add(t)
 
     build_once(ready, build)
+    for p, t in zip(paths, targets):
+        if t not in built:  # (the other ranks say so too, but only rank 0 logs INFO)
+            log.info(f"reused cached sft tokens {t} for {p}")
     out = []
     for p, t in zip(paths, targets):
         arrays = _read_cache(t)

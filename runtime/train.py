@@ -31,25 +31,10 @@ log = logging.getLogger("recipec.runtime")
 
 
 def _setup_logging() -> None:
-    rank = os.environ.get("RANK", "0")
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
-                        format=f"[recipec rank {rank}] %(message)s")
-    if rank != "0":
-        logging.getLogger("recipec.runtime").setLevel(logging.WARNING)
-    # Megatron-Core logs every bucket's parameter list and its whole configs at INFO.
-    logging.getLogger("megatron").setLevel(logging.WARNING)
-    # torch DCP logs a failed metadata read with its whole traceback (on the root logger) before
-    # raising; recipec's checkpoint loader reports the same failure in one line and falls back.
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(lambda r: r.levelno >= logging.ERROR or "torch/distributed/checkpoint/" not in
-                          r.pathname.replace("\\", "/"))
-    import warnings
+    """Rank 0 speaks, library noise is filtered once, `recipec launch --verbose` shows it all (runtime/logs.py)."""
+    from . import logs
 
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed.checkpoint")
-    warnings.filterwarnings("ignore", category=FutureWarning, module="megatron.core.dist_checkpointing")
-    # The byte tokenizer pads with end-of-text on purpose (pretraining packs; sft masks the padding).
-    warnings.filterwarnings("ignore", message="The pad token id in the tokenizer collides")
+    logs.setup(logs.env_rank())
 
 
 class StopSignal:
@@ -225,6 +210,7 @@ def run(artifact: Artifact) -> int:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from . import checkpoint as ckpt
+    from .ckpt_compat import model_record
     from .ckpt_workers import install as children_die_with_this_rank
     from .data import build_datasets, step_microbatches
     from .device import activate_cpu_mode
@@ -254,11 +240,18 @@ def run(artifact: Artifact) -> int:
     run_lock = lock_run_directories([out_dir, c.checkpoint.save])
     if rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
+    ck = c.checkpoint
+    load_dir = ck.load or ck.save
+    resumable = bool(load_dir) and ckpt.has_checkpoints(Path(load_dir))
+    own = bool(ck.save) and resumable and Path(load_dir).resolve() == Path(ck.save).resolve()
+    source = "checkpoint.save" if own else "checkpoint.load"
+    record = model_record(c, plan["padded_vocab_size"])  # saved in every manifest, compared on resume
+    if resumable:  # a checkpoint of another model stops the run here, by name, before anything is built
+        ckpt.refuse_model_change(Path(load_dir), record, source)
 
     chunks, backend = build_model_chunks(c, plan["padded_vocab_size"], on_gpu=on_gpu)
     if not on_gpu:
         keyed_init(chunks, c.train.seed, c.model.init_method_std, c.model.num_layers)
-    ck = c.checkpoint
     hf_pretrained = bool(ck.pretrained) and _is_hf_dir(ck.pretrained)
     if hf_pretrained and not ckpt.complete_steps(Path(ck.load or ck.save or ck.pretrained)):
         # An HF directory: its weights go straight into this rank's shards (any TP/PP), before
@@ -269,12 +262,10 @@ def run(artifact: Artifact) -> int:
             cpu_mode()
         load_hf_into_chunks(ck.pretrained, chunks, c, plan["padded_vocab_size"])
         log.info(f"loaded Hugging Face weights from {ck.pretrained}")
-    load_dir = ck.load or ck.save
-    resumable = bool(load_dir) and ckpt.has_checkpoints(Path(load_dir))
     if ck.pretrained and not hf_pretrained and not resumable:
         # Base weights go into the bare model, before adapters, DDP and the optimizer's copies exist.
         loaded = ckpt.load_latest(Path(ck.pretrained), chunks, None, None, artifact.fingerprint,
-                                  with_optimizer=False, require=True)
+                                  with_optimizer=False, require=True, model=record, source="checkpoint.pretrained")
         log.info(f"started from the weights of {ck.pretrained} (step {loaded} there)")
     if c.peft.method == "lora":
         from .lora import apply_lora, init_adapters, parameter_counts
@@ -301,9 +292,11 @@ def run(artifact: Artifact) -> int:
 
     step = 0
     if resumable:
-        # Failed checkpoints are renamed iter_N.bad only in this run's own (locked) directory.
-        own = bool(ck.save) and Path(load_dir).resolve() == Path(ck.save).resolve()
-        step = ckpt.load_latest(Path(load_dir), ddp_chunks, optimizer, scheduler, artifact.fingerprint, mark_bad=own)
+        # Failed checkpoints are renamed iter_N.bad only in this run's own (locked) directory. The
+        # saved LR schedule continues unless scheduler.override_opt_param_scheduler (ckpt_state).
+        step = ckpt.load_latest(Path(load_dir), ddp_chunks, optimizer, scheduler, artifact.fingerprint, mark_bad=own,
+                                model=record, source=source,
+                                override_schedule=c.scheduler.override_opt_param_scheduler)
     if step:
         scheduler.step(increment=0)
         scheduler.num_steps = step
@@ -314,8 +307,8 @@ def run(artifact: Artifact) -> int:
         forward_backward = _full_iteration_graph(forward_backward, c)
     if c.train.cuda_graph != "none":
         log.info(f"CUDA graphs: {c.train.cuda_graph}, captured after {c.train.cuda_graph_warmup_steps} eager steps")
-    saver = ckpt.Saver(Path(ck.save), artifact.fingerprint, ck.keep_last, ck.optimizer_sharding, device) \
-        if ck.save else None
+    saver = ckpt.Saver(Path(ck.save), artifact.fingerprint, ck.keep_last, ck.optimizer_sharding, device,
+                       model=record) if ck.save else None
     meter = Meter(plan, out_dir, dist.get_world_size(), c.logging.tensorboard_dir, writer=rank0)
     profiler = Profiler(c.profiling, dist.get_rank(), out_dir, on_gpu)
     model_arg = ddp_chunks if len(ddp_chunks) > 1 else ddp_chunks[0]
@@ -431,13 +424,14 @@ def main(argv: list[str] | None = None) -> int:
     """One rank's run. The runtime's exit-2 boundary (runtime/boundary.py): a user's or a file's
     mistake is one `recipec: error:` message and exit 2, a bug keeps its traceback."""
     from . import boundary
+
+    _setup_logging()  # first: the filters must be in place before a library is imported and warns
     from .safe_load import install
 
     install()  # weights-only torch.load and data-only DCP metadata, before anything is read
     parser = argparse.ArgumentParser(prog="python -m recipec.runtime.train", description=__doc__)
     parser.add_argument("--artifact", required=True, help="build directory (or its plan.json) from `recipec build`")
     args = parser.parse_args(argv)
-    _setup_logging()
     missing = boundary.missing_launcher_env()
 
     def body() -> int:

@@ -150,6 +150,8 @@ MAIN_JOB = Covered("tests/launch/test_busy_port.py", "test_the_main_job_complete
                    ('"launch", "llama3_tiny", "train.train_iters=2"', "returncode == 0"))
 RELAUNCH = Covered("tests/launch/test_launch_local_e2e.py", "test_stopped_run_saves_and_the_relaunch_resumes",
                    ('"asking 2 rank(s) to save a checkpoint"', "_check_resumed"))
+LR_CONTINUES = Covered("tests/runtime/test_old_state.py", "test_extending_a_finished_run_continues_its_lr_schedule",
+                       ('"train.train_iters=20"',))
 TP2_RUN = Covered("tests/runtime/test_train_e2e.py", "test_tensor_parallel_matches_single_rank",
                   ("reference: Run, tp2: Run",))
 TP2_FIXTURE = Covered("tests/runtime/test_train_e2e.py", "tp2", ('"parallel.tensor_model_parallel_size=2"',))
@@ -209,7 +211,7 @@ RULES: dict[str, Rule] = {
     "recipec launch llama3_tiny train.train_iters=200": Rule(
         "continues the main job's run: compiled here with --dry-run; a relaunch on the same run directory "
         "resumes in tests/launch/test_launch_local_e2e.py", run="dry run",
-        expect=r"--artifact build/llama3_tiny", covered_by=(RELAUNCH,)),
+        expect=r"--artifact build/llama3_tiny", covered_by=(RELAUNCH, LR_CONTINUES)),
     ("recipec launch llama3_tiny launch.gpus_per_node=2 parallel.tensor_model_parallel_size=2 "
      "launch.output_dir=runs/tiny_tp2 checkpoint.save=runs/tiny_tp2/checkpoints"): Rule(
         "a 100-step two-process training: compiled here with --dry-run (its own run directory); TP=2 training "

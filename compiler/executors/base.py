@@ -73,6 +73,8 @@ class Executor(Protocol):
         """The files to write. `python`: the interpreter on the nodes (None: `python` / `torchrun` on PATH)."""
         ...
 
-    def launch(self, built: Built, *, out: str | None, dry_run: bool, node_rank: int | None, echo: Echo) -> int:
-        """Write the build directory, then run or submit it; return the exit code."""
+    def launch(self, built: Built, *, out: str | None, dry_run: bool, node_rank: int | None, echo: Echo,
+               verbose: bool = False) -> int:
+        """Write the build directory, then run or submit it; return the exit code. `verbose`: the job's
+        processes get `supervisor.VERBOSE_ENV` (every line shown), by whatever way reaches them."""
         ...

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from .. import preflight
 from ..rendezvous import hosted_here, is_loopback
 from ..shell import Script, join, literal
-from ..supervisor import run_torchrun
+from ..supervisor import VERBOSE_ENV, run_torchrun
 from .base import Built, Echo, Finding, ScriptFile
 from .node import (
     NEED_HEAD_NODE,
@@ -50,16 +50,18 @@ class LocalExecutor:
     def scripts(self, built: Built, python: str | None = None) -> list[ScriptFile]:
         return [ScriptFile("launch.sh", launch_sh(built, python))]
 
-    def launch(self, built: Built, *, out: str | None, dry_run: bool, node_rank: int | None, echo: Echo) -> int:
+    def launch(self, built: Built, *, out: str | None, dry_run: bool, node_rank: int | None, echo: Echo,
+               verbose: bool = False) -> int:
         nodes = built.config.launch.nodes
         python = sys.executable
+        shown_env = {**environment(built), **({VERBOSE_ENV: "1"} if verbose else {})}
         if nodes > 1 and node_rank is None:
             built.write(out, python=python)
-            return _print_node_commands(built, python, echo)
+            return _print_node_commands(built, python, echo, shown_env)
         argv = literal(node_argv(built, node_rank or 0, python=python))
         if dry_run:
             directory = built.write(out, python=python)
-            echo(Script(shebang=None).exports(environment(built)).command(supervised(argv, python)).text(), nl=False)
+            echo(Script(shebang=None).exports(shown_env).command(supervised(argv, python)).text(), nl=False)
             echo(f"recipec: dry run: wrote {directory}; nothing started", err=True)
             return 0
         preflight.check(built, argv)  # before anything is written or started
@@ -67,13 +69,13 @@ class LocalExecutor:
         if nodes > 1:
             _warn_rendezvous(built, node_rank or 0, echo)
         Path(run_dir(built), "logs").mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **environment(built)}
+        env = {**os.environ, **shown_env}
         echo(f"recipec: {built.name}: node {node_rank or 0} of {nodes}, {built.config.launch.gpus_per_node} "
              f"process(es): {join(argv)}", err=True)
         return run_torchrun(argv, env, echo)
 
 
-def _print_node_commands(built: Built, python: str, echo: Echo) -> int:
+def _print_node_commands(built: Built, python: str, echo: Echo, env: dict[str, str]) -> int:
     """Every node's command, for a multi-node job without a scheduler (nothing runs)."""
     c, plan = built.config, built.plan
     endpoint = head_endpoint(built)
@@ -84,7 +86,7 @@ def _print_node_commands(built: Built, python: str, echo: Echo) -> int:
     shown.comment("or on each node: recipec launch ... --node-rank K --master ADDR_OF_NODE_0")
     if endpoint is not None:
         shown.code(NEED_HEAD_NODE)
-    shown.exports(environment(built))
+    shown.exports(env)
     for k in range(c.launch.nodes):
         shown.comment(f"node {k}")
         shown.command(supervised(node_argv(built, k, python=python, rdzv_endpoint=endpoint), python))

@@ -12,6 +12,7 @@ SLURM parses those lines itself (whitespace, quotes, backslashes and `#` mean so
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from ..shell import (
     script_text_problem,
     word,
 )
+from ..supervisor import VERBOSE_ENV
 from .base import Built, Echo, Finding, LaunchError, ScriptFile
 from .node import HEAD_NODE, environment, launch_sh, node_argv, run_dir, supervised
 
@@ -119,7 +121,8 @@ class SlurmExecutor:
     def scripts(self, built: Built, python: str | None = None) -> list[ScriptFile]:
         return [ScriptFile("launch.sh", launch_sh(built, python)), ScriptFile("job.sbatch", sbatch_script(built, python))]
 
-    def launch(self, built: Built, *, out: str | None, dry_run: bool, node_rank: int | None, echo: Echo) -> int:
+    def launch(self, built: Built, *, out: str | None, dry_run: bool, node_rank: int | None, echo: Echo,
+               verbose: bool = False) -> int:
         if node_rank is not None:
             raise LaunchError("--node-rank is for the local executor; under SLURM every node gets its rank "
                               "from $SLURM_NODEID")
@@ -135,7 +138,9 @@ class SlurmExecutor:
             return 0
         log = Path(sbatch_log(built))
         log.parent.mkdir(parents=True, exist_ok=True)  # SLURM does not create the output directory
-        proc = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True, check=False)
+        # sbatch hands the submitting environment to the job (--export=ALL), so --verbose reaches every task.
+        env = {**os.environ, VERBOSE_ENV: "1"} if verbose else None
+        proc = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True, check=False, env=env)
         if proc.returncode != 0:
             raise LaunchError(f"sbatch refused {path} (exit {proc.returncode}): "
                               f"{(proc.stderr or proc.stdout).strip() or 'no message'}")

@@ -86,9 +86,16 @@ class SchedulerConfig:
         choices=("constant", "linear", "cosine", "inverse-square-root", "WSD"),
     )
     lr_decay_iters: int | None = option(
-        None, "Step at which decay reaches min_lr.", min=1, derived="train.train_iters", max=MAX_STEPS)
+        None, "Step at which decay reaches min_lr (a resumed run keeps the saved one, see "
+        "override_opt_param_scheduler).", min=1, derived="train.train_iters", max=MAX_STEPS)
     lr_wsd_decay_iters: int | None = option(
         None, "Final annealing steps of WSD.", min=1, max=MAX_STEPS)
+    # The schedule is part of a run, as in Megatron-LM: raising train.train_iters to extend a finished
+    # run must not re-derive lr_decay_iters and send the LR back up (runtime/ckpt_state.py).
+    override_opt_param_scheduler: bool = option(
+        False, "On resume, switch to this recipe's schedule (lr, min_lr, warmup, decay steps and style, "
+        "weight decay) from the saved step on; off, a resumed run continues the schedule saved in its "
+        "checkpoint (Megatron's --override-opt_param-scheduler).")
 
 
 @attrs.frozen

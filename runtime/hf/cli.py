@@ -70,8 +70,10 @@ def _size(text: str) -> int:
 
 
 def main(args: list[str], prog_name: str = "recipec convert") -> int:
+    from recipec.runtime.logs import console
     from recipec.runtime.safe_load import install
 
+    console()  # progress lines on stderr and the same library-noise filters as a training rank
     install()  # weights-only torch.load and data-only DCP metadata, before any checkpoint is read
     try:
         convert.main(args=args, prog_name=prog_name, standalone_mode=True)

@@ -17,6 +17,9 @@ The checkpoint holds the recipe's `precision.dtype`, and the export the checkpoi
 the same bits; a recipe that trains in a narrower dtype than the weights is warned about.
 
 The architecture-specific part is only `mappings.TABLES`.
+
+Converting a large model takes minutes: rank 0 logs how far it has got every few seconds
+while it runs (runtime/logs.Progress) and, at the end, what it wrote and how long it took.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from recipec.compiler.hf_import import (
 )
 from recipec.compiler.schema import RecipeConfig
 
+from ..logs import Progress, console, size
 from .export_files import plan_export, write_export_files
 from .mappings import ArchMapping, MappingError, Shape, canonical_name
 from .reader import HFConvertError, HFReader, is_hf_dir
@@ -108,27 +112,28 @@ def load_hf_into_chunks(hf_dir: str | Path, chunks: Sequence[Any], c: RecipeConf
     mapping = ArchMapping(c.model.architecture, model_shape(c, padded_vocab))
     cache: tuple[tuple[str, tuple[int, ...]], torch.Tensor] | None = None
     filled = 0
+    shards = [sh for chunk in chunks for sh in _sharded_tensors(getattr(chunk, "module", chunk).sharded_state_dict())]
+    progress = Progress(f"reading Hugging Face weights from {hf_dir}", total=len(shards), unit="tensors")
     with torch.no_grad():
-        for chunk in chunks:
-            module = getattr(chunk, "module", chunk)  # DDP-wrapped or not
-            for sh in _sharded_tensors(module.sharded_state_dict()):
-                if sh.flattened_range is not None:
-                    raise HFConvertError(f"{sh.key}: flattened shards are not supported here")
-                prefix = tuple(sh.global_offset[: sh.prepend_axis_num])
-                ident = (sh.key, prefix)
-                if cache is None or cache[0] != ident:  # fused fc1 arrives as two views of one tensor
-                    name = canonical_name(sh.key, prefix)
-                    try:
-                        full = mapping.to_mcore(name, reader.get)
-                    except MappingError as exc:
-                        raise HFConvertError(f"{hf_dir}: {exc}") from None
-                    want = tuple(sh.global_shape[sh.prepend_axis_num:])
-                    if tuple(full.shape) != want:
-                        raise HFConvertError(f"{name}: the HF weights give shape {tuple(full.shape)}, the model "
-                                             f"expects {want}")
-                    cache = (ident, full)
-                sh.data.copy_(cache[1][_local_index(sh)].to(sh.data.dtype))
-                filled += 1
+        for sh in shards:
+            if sh.flattened_range is not None:
+                raise HFConvertError(f"{sh.key}: flattened shards are not supported here")
+            prefix = tuple(sh.global_offset[: sh.prepend_axis_num])
+            ident = (sh.key, prefix)
+            if cache is None or cache[0] != ident:  # fused fc1 arrives as two views of one tensor
+                name = canonical_name(sh.key, prefix)
+                try:
+                    full = mapping.to_mcore(name, reader.get)
+                except MappingError as exc:
+                    raise HFConvertError(f"{hf_dir}: {exc}") from None
+                want = tuple(sh.global_shape[sh.prepend_axis_num:])
+                if tuple(full.shape) != want:
+                    raise HFConvertError(f"{name}: the HF weights give shape {tuple(full.shape)}, the model "
+                                         f"expects {want}")
+                cache = (ident, full)
+            sh.data.copy_(cache[1][_local_index(sh)].to(sh.data.dtype))
+            filled += 1
+            progress.update(filled)
     return filled
 
 
@@ -242,8 +247,10 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, recipe: str | None = Non
     from recipec.runtime.model import build_model_chunks
 
     hf_dir, out = Path(hf_dir), Path(out)
+    console()
     if not is_hf_dir(hf_dir):
         raise HFConvertError(f"{hf_dir} is not a Hugging Face model directory (config.json + *.safetensors)")
+    started = Progress("hf-to-mcore")
     c = compile_recipe(recipe, overrides, files, hf_dir)
     _warn_if_rounding(hf_dir, c)
     # The runtime pads the vocabulary for the recipe's TP; the checkpoint must have that shape.
@@ -255,6 +262,7 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, recipe: str | None = Non
         with _no_random_init():
             chunks, _ = build_model_chunks(c, padded, on_gpu=on_gpu)
         load_hf_into_chunks(hf_dir, chunks, c, padded)
+        read_in = started.elapsed()
         rank0 = dist.get_rank() == 0
         final, tmp = out / "iter_0000000", out / ".tmp_iter_0000000"
         if rank0:
@@ -282,6 +290,8 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, recipe: str | None = Non
                 shutil.rmtree(final)
             os.replace(tmp, final)
             (out / ckpt.LATEST).write_text("0\n")
+            log.info(f"converted {hf_dir} -> {final} ({size(sum(listing.values()))}) in {started.elapsed()} "
+                     f"({read_in} to build the model and read the weights)")
         dist.barrier()
         return final
     finally:
@@ -385,6 +395,8 @@ def mcore_to_hf(ckpt_dir: str | Path, out: str | Path, *, recipe: str, overrides
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+    console()
+    started = Progress("mcore-to-hf")
     step_dir = resolve_checkpoint(ckpt_dir)
     c = compile_recipe(recipe, overrides, files, None)
     extra = plan_export(c)  # reads the tokenizer now: a missing one fails before any weight is written
@@ -429,8 +441,10 @@ def mcore_to_hf(ckpt_dir: str | Path, out: str | Path, *, recipe: str, overrides
         keys = sorted(model_keys)
         if m.share_embeddings_and_output_weights:
             keys = [k for k in keys if k != "output_layer.weight"]
-        for key in keys:
+        progress = Progress(f"exporting {step_dir}", total=len(keys), unit="checkpoint tensors")
+        for done, key in enumerate(keys, 1):
             emit(key)
+            progress.update(done)
         hf_names = set()
         for name in mapping.mcore_names(m.num_layers, m.num_moe_experts):
             rule, idx = mapping.rule_for(name)
@@ -441,7 +455,8 @@ def mcore_to_hf(ckpt_dir: str | Path, out: str | Path, *, recipe: str, overrides
                                  f"{missing[:3]}; does the recipe describe this checkpoint?")
         shards = writer.finish()
         written = write_export_files(out, extra, c, _DTYPE_NAMES.get(dtype, "float32"))
-        log.info("wrote %s (%d tensors in %s; %s)", out, len(produced), ", ".join(shards), ", ".join(written))
+        log.info("wrote %s (%d tensors in %s; %s) in %s", out, len(produced), ", ".join(shards), ", ".join(written),
+                 started.elapsed())
         return out
     finally:
         if created:
