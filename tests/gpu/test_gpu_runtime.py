@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,8 @@ try:
 except Exception:  # noqa: BLE001
     pytest.skip("needs Transformer Engine", allow_module_level=True)
 
-from recipec.compiler import build  # noqa: E402
+from gpu_launch import train_one_rank
+from recipec.compiler import build
 
 GPU = ['launch.accelerator="H100-80GB"', 'precision.dtype="bf16"', "launch.gpus_per_node=1",
        "~checkpoint.save", "~checkpoint.save_interval", "~checkpoint.keep_last", "~train.eval_interval"]
@@ -29,7 +28,6 @@ GPU = ['launch.accelerator="H100-80GB"', 'precision.dtype="bf16"', "launch.gpus_
 
 def _main_grads(fuse: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     from megatron.core import parallel_state
-
     from recipec.runtime import model as runtime_model
 
     c = build("llama3_tiny", GPU).config
@@ -87,20 +85,10 @@ def _train(tmp: Path, name: str, *overrides: str) -> dict[int, float]:
     out = tmp / name
     compiled = build("llama3_tiny", [*GPU, "train.train_iters=24", "logging.log_interval=4",
                                      f"launch.output_dir={json.dumps(str(out))}", *overrides])
-    artifact = compiled.write(tmp / f"{name}.build")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1",
-                           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-                           "-m", "recipec.runtime.train", "--artifact", str(artifact)],
-                          capture_output=True, text=True, timeout=400)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
+    log, losses = train_one_rank(compiled.write(tmp / f"{name}.build"), out)
     if overrides:
         assert "captured and replaying" in log, log[-4000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return losses
 
 
 @pytest.mark.parametrize("mode", ["layers", "full_iteration"])

@@ -8,9 +8,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,8 +20,9 @@ try:
 except Exception:  # noqa: BLE001
     pytest.skip("needs Transformer Engine", allow_module_level=True)
 
-from recipec.compiler import build  # noqa: E402
-from recipec.runtime import safe_load  # noqa: E402
+from gpu_launch import train_one_rank
+from recipec.compiler import build
+from recipec.runtime import safe_load
 
 
 class Payload:
@@ -65,18 +63,7 @@ def _run(tmp: Path, name: str, iters: int, out: Path) -> tuple[str, dict[int, fl
         # the LR schedule of the whole 24-step run, so the 12-step first half follows it exactly
         "scheduler.lr_decay_iters=24", "scheduler.lr_warmup_iters=2", f"launch.output_dir={json.dumps(str(out))}",
         f"checkpoint.save={json.dumps(str(out / 'checkpoints'))}"])
-    artifact = compiled.write(tmp / f"{name}.build")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1",
-                           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-                           "-m", "recipec.runtime.train", "--artifact", str(artifact)],
-                          capture_output=True, text=True, timeout=400)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return log, {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return train_one_rank(compiled.write(tmp / f"{name}.build"), out)
 
 
 def test_fp8_checkpoints_are_hashed_verified_and_resume_like_an_uninterrupted_run(tmp_path: Path) -> None:

@@ -1,0 +1,24 @@
+"""One GPU rank of a compiled recipe through torchrun, for the GPU tests: its log and its losses."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+
+def train_one_rank(artifact: Path, out: Path) -> tuple[str, dict[int, float]]:
+    """Run `artifact` on one GPU (standalone rendezvous on a free port); the log and step -> loss."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1",
+                           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                           "-m", "recipec.runtime.train", "--artifact", str(artifact)],
+                          check=False, capture_output=True, text=True, timeout=400)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return log, {r["step"]: r["loss"] for r in rows if "loss" in r}
