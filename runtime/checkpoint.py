@@ -46,6 +46,7 @@ from .ckpt_save import (
 )
 from .ckpt_state import layout, restore_rng, restore_schedule, sharded_state
 from .device import prime_optimizer_state_for_load
+from .logs import size as human_size
 
 __all__ = ["LATEST", "MANIFEST", "CheckpointSaveError", "CheckpointUnusableError", "DiskFullError",
            "LayoutChangeError", "ModelChangeError", "Saver", "bad_checkpoints", "candidates", "complete_steps",
@@ -174,7 +175,7 @@ def load_latest(root: Path, chunks: list[Any], optimizer: Any, scheduler: Any, f
         meta, _ = manifest.read_manifest(directory)
         if rank0 and meta is not None:
             log.info(f"verifying {directory} ({len(meta['files'])} files, "
-                     f"{manifest.human(manifest.size_of(meta['files']))}) before loading it")
+                     f"{human_size(manifest.size_of(meta['files']))}) before loading it")
         started = time.perf_counter()
         problem = _verify_shared(directory)
         if problem is None:
@@ -252,8 +253,8 @@ def _try_load(load: _Load, chunks: list[Any], optimizer: Any, scheduler: Any,
         note = "" if meta.get("fingerprint") == fingerprint else " (saved by a different compiled recipe)"
         size = manifest.size_of(meta["files"])
         log.info(f"resumed from {load.directory} at step {step}{note}: verified {len(meta['files'])} files "
-                 f"({manifest.human(size)}) in {load.verified_s:.2f} s, loaded in {loaded_s:.2f} s "
-                 f"({manifest.human(size / max(loaded_s, 1e-9))}/s)")
+                 f"({human_size(size)}) in {load.verified_s:.2f} s, loaded in {loaded_s:.2f} s "
+                 f"({human_size(size / max(loaded_s, 1e-9))}/s)")
         _, math = compat.differences(meta, load.model or {})
         if math and load.source != "checkpoint.pretrained":  # a fine-tune from weights changes them on purpose
             log.warning(compat.warning(load.directory, math))

@@ -157,14 +157,6 @@ def size_of(files: dict[str, Any]) -> int:
     return sum(e if isinstance(e, int) else int(e.get("size", 0)) for e in files.values())
 
 
-def human(size: float) -> str:
-    """`size` bytes for a log line: 13.7 MiB."""
-    units, i = ("B", "KiB", "MiB", "GiB", "TiB"), 0
-    while size >= 1024 and i < len(units) - 1:
-        size, i = size / 1024, i + 1
-    return f"{size:.0f} B" if i == 0 else f"{size:.1f} {units[i]}"
-
-
 def total_bytes(directory: Path) -> int | None:
     """The size of a complete checkpoint according to its manifest (None when unreadable)."""
     meta, _ = read_manifest(directory)

@@ -43,6 +43,7 @@ from recipec.compiler.errors import RecipeError
 from . import ckpt_manifest as manifest
 from .ckpt_state import layout, sharded_state
 from .ckpt_workers import protected_writers
+from .logs import size as human_size
 
 log = logging.getLogger("recipec.runtime")
 LATEST = "latest"
@@ -253,8 +254,8 @@ def _saved_line(p: _Pending, size: int, hashed_s: float) -> str:
     "in" is how long training paused for the save (the write, and waiting for an earlier save's
     hashes if they were not done); the hashing and fsync that complete it ran on the slowest rank
     for the "+" time while training went on."""
-    rate = f", written at {manifest.human(size / p.write_s)}/s" if p.write_s > 0 else ""
-    return (f"saved checkpoint {p.final} ({manifest.human(size)}{rate}) in {p.stall_s:.2f} s "
+    rate = f", written at {human_size(size / p.write_s)}/s" if p.write_s > 0 else ""
+    return (f"saved checkpoint {p.final} ({human_size(size)}{rate}) in {p.stall_s:.2f} s "
             f"(+{hashed_s:.2f} s hashing in the background)")
 
 

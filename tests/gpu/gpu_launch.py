@@ -1,4 +1,5 @@
-"""One GPU rank of a compiled recipe through torchrun, for the GPU tests: its log and its losses."""
+"""What the GPU tests share: the skip where there is no GPU or TE, and one GPU rank of a compiled
+recipe through torchrun (its log and its losses)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,21 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+
+def require_cuda_and_te() -> ModuleType:
+    """Skip the calling test module unless a CUDA GPU and Transformer Engine are here; TE's torch API."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU", allow_module_level=True)
+    try:
+        import transformer_engine.pytorch as te
+    except Exception:  # noqa: BLE001 - a TE that does not import, for whatever reason, means no TE tests
+        pytest.skip("needs Transformer Engine", allow_module_level=True)
+    return te
 
 
 def train_one_rank(artifact: Path, out: Path) -> tuple[str, dict[int, float]]:

@@ -10,16 +10,10 @@ import socket
 from pathlib import Path
 
 import pytest
+from gpu_launch import require_cuda_and_te, train_one_rank
 
-torch = pytest.importorskip("torch")
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
-try:
-    import transformer_engine.pytorch  # noqa: F401
-except Exception:  # noqa: BLE001
-    pytest.skip("needs Transformer Engine", allow_module_level=True)
-
-from gpu_launch import train_one_rank
+require_cuda_and_te()
+import torch
 from recipec.compiler import build
 
 GPU = ['launch.accelerator="H100-80GB"', 'precision.dtype="bf16"', "launch.gpus_per_node=1",

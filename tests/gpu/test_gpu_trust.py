@@ -11,16 +11,10 @@ import pickle
 from pathlib import Path
 
 import pytest
+from gpu_launch import require_cuda_and_te, train_one_rank
 
-torch = pytest.importorskip("torch")
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
-try:
-    import transformer_engine.pytorch as te
-except Exception:  # noqa: BLE001
-    pytest.skip("needs Transformer Engine", allow_module_level=True)
-
-from gpu_launch import train_one_rank
+te = require_cuda_and_te()
+import torch
 from recipec.compiler import build
 from recipec.runtime import safe_load
 

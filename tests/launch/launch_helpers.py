@@ -8,10 +8,13 @@ controller answers `sinfo` (SLURM gate: `bash .ci/slurm_setup.sh` starts one).
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,3 +63,24 @@ def clean_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("RECIPEC_UPDATE_GOLDEN", None)
     return env
+
+
+STEP = re.compile(r"step\s+(\d+)/(\d+) \| loss")
+
+
+def signal_mid_run(argv: list[str], cwd: Path, sig: int = signal.SIGTERM,
+                   env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Start `argv`, send `sig` once training is under way (as a user or scheduler would); (exit code, output)."""
+    proc = subprocess.Popen(argv, cwd=cwd, env=env or clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 600
+    for line in proc.stdout:
+        lines.append(line)
+        if STEP.search(line):
+            proc.send_signal(sig)
+            break
+        assert time.monotonic() < deadline, "".join(lines[-50:])
+    lines += proc.stdout.readlines()
+    return proc.wait(timeout=300), "".join(lines)

@@ -14,16 +14,14 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from launch_helpers import clean_env, recipec_cmd
+from launch_helpers import clean_env, recipec_cmd, signal_mid_run
 from script_stubs import StubBin, job_env
 
 pytestmark = [pytest.mark.timeout(900)]
 
-STEP = re.compile(r"step\s+(\d+)/(\d+) \| loss")
 
 
 def test_usr1_to_the_job_script_saves_exits_0_and_requeues(workdir: Path, free_port: int) -> None:
@@ -35,20 +33,7 @@ def test_usr1_to_the_job_script_saves_exits_0_and_requeues(workdir: Path, free_p
     stubs = StubBin(workdir / "stub-bin", names=("srun", "scontrol"), head="127.0.0.1")
     env = {**clean_env(), **job_env(workdir),
            "PATH": f"{stubs.folder}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    proc = subprocess.Popen(["bash", "build/tiny/job.sbatch"], cwd=workdir, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    lines: list[str] = []
-    deadline = time.monotonic() + 600
-    for line in proc.stdout:
-        lines.append(line)
-        if STEP.search(line):
-            proc.send_signal(signal.SIGUSR1)
-            break
-        assert time.monotonic() < deadline, "".join(lines[-50:])
-    lines += proc.stdout.readlines()
-    code = proc.wait(timeout=300)
-    out = "".join(lines)
+    code, out = signal_mid_run(["bash", "build/tiny/job.sbatch"], workdir, signal.SIGUSR1, env)
     assert code == 0, out[-4000:]
     assert "recipec: SIGUSR1 received; asking the ranks to save a checkpoint and stop" in out
     stopped = re.search(r"stopping at step (\d+) on signal", out)

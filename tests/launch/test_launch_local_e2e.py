@@ -9,13 +9,11 @@ from it. A rank's user error (exit 2) comes back as exit 2 with the rank's messa
 from __future__ import annotations
 
 import re
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from launch_helpers import clean_env, recipec_cmd
+from launch_helpers import STEP, clean_env, recipec_cmd, signal_mid_run
 
 
 def _resumed(text: str, saved_at: int) -> bool:
@@ -25,7 +23,6 @@ def _resumed(text: str, saved_at: int) -> bool:
 
 pytestmark = [pytest.mark.timeout(900)]
 
-STEP = re.compile(r"step\s+(\d+)/(\d+) \| loss")
 
 
 def _launch_args(port: int, iters: int) -> list[str]:
@@ -44,23 +41,6 @@ def test_two_process_run_through_torchrun(workdir: Path, free_port: int) -> None
     assert steps and steps[-1] == 6, out[-4000:]
     assert any((workdir / "runs" / "llama3_tiny" / "checkpoints").iterdir())
     assert (workdir / "build" / "tiny" / "plan.json").is_file()
-
-
-def _stop_mid_run(argv: list[str], cwd: Path) -> tuple[int, str]:
-    """Start `argv`, SIGTERM it once training is under way (as a user or scheduler would); (exit code, output)."""
-    proc = subprocess.Popen(argv, cwd=cwd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    lines: list[str] = []
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 600
-    for line in proc.stdout:
-        lines.append(line)
-        if STEP.search(line):
-            proc.send_signal(signal.SIGTERM)
-            break
-        assert time.monotonic() < deadline, "".join(lines[-50:])
-    lines += proc.stdout.readlines()
-    return proc.wait(timeout=300), "".join(lines)
 
 
 def _saved_step(out: str, workdir: Path, iters: int) -> int:
@@ -87,7 +67,7 @@ def _check_resumed(argv: list[str], workdir: Path, saved_at: int, iters: int) ->
 
 def test_stopped_run_saves_and_the_relaunch_resumes(workdir: Path, free_port: int) -> None:
     args = _launch_args(free_port, 40)
-    code, first = _stop_mid_run(recipec_cmd(*args), workdir)
+    code, first = signal_mid_run(recipec_cmd(*args), workdir)
     assert code == 0, first[-4000:]  # the ranks saved and exited cleanly: a clean stop
     assert "asking 2 rank(s) to save a checkpoint" in first
     assert "stopped on SIGTERM after the ranks saved" in first
@@ -102,7 +82,7 @@ def test_sigterm_to_launch_sh_saves_and_the_relaunch_resumes(workdir: Path, free
                            text=True, timeout=120)
     assert built.returncode == 0, built.stderr
     script = ["bash", str(workdir / "build" / "tiny" / "launch.sh")]
-    code, first = _stop_mid_run(script, workdir)
+    code, first = signal_mid_run(script, workdir)
     assert code == 0, first[-4000:]
     assert "asking 1 rank(s) to save a checkpoint" in first
     saved_at = _saved_step(first, workdir, 30)
