@@ -20,7 +20,6 @@ follows is the saved one (ckpt_state.restore_schedule) and is logged too.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -179,7 +178,8 @@ def load_latest(root: Path, chunks: list[Any], optimizer: Any, scheduler: Any, f
         started = time.perf_counter()
         problem = _verify_shared(directory)
         if problem is None:
-            load = _Load(directory, source, model, with_optimizer, override_schedule, time.perf_counter() - started)
+            load = _Load(directory, meta or {}, source, model, with_optimizer, override_schedule,
+                         time.perf_counter() - started)
             step, problem = _try_load(load, chunks, optimizer, scheduler, fingerprint)
             if step is not None:
                 return step
@@ -215,6 +215,7 @@ class _Load:
     """One load attempt: where, for which config key and model, and how long verifying took."""
 
     directory: Path
+    meta: dict[str, Any]  # read before any collective: rank 0 may rename a failed directory right after
     source: str
     model: dict[str, Any] | None
     with_optimizer: bool
@@ -242,7 +243,7 @@ def _try_load(load: _Load, chunks: list[Any], optimizer: Any, scheduler: Any,
         local = _describe(exc)
     loaded_s = time.perf_counter() - started
     problem = _agree(local)
-    meta = json.loads((load.directory / MANIFEST).read_text())
+    meta = load.meta
     if problem is not None:
         if "layout:" in problem:
             raise LayoutChangeError(problem.split("layout:", 1)[1])
@@ -267,8 +268,7 @@ def _load(load: _Load, chunks: list[Any], optimizer: Any, scheduler: Any) -> tup
     """(the saved step, the LR schedule line for the log, or "" without optimizer state)."""
     from megatron.core import dist_checkpointing
 
-    directory, with_optimizer = load.directory, load.with_optimizer
-    meta = json.loads((directory / MANIFEST).read_text())
+    directory, with_optimizer, meta = load.directory, load.with_optimizer, load.meta
     now = layout()
     saved = meta.get("layout", {})
     same_layout = saved == now
