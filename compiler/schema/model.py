@@ -23,7 +23,7 @@ class ModelConfig:
     architecture: str = option(
         "llama", "Family, used for the HF bridge and `recipec list`.",
         choices=("gpt", "llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe", "gemma2"),
-    )
+    )  # FAMILY-CHOICES (the family registry replaces this list)
     transformer_impl: str = option(
         "auto", "Layer implementation: Transformer Engine's fused modules, or Megatron-Core's local modules "
         "with torch SDPA; auto takes Transformer Engine where it imports (and local with train.torch_compile).",
@@ -47,8 +47,14 @@ class ModelConfig:
     normalization: str = option("RMSNorm", "Layer norm kind.", choices=("RMSNorm", "LayerNorm"))
     norm_epsilon: float = option(1e-5, "Epsilon of the norms.", min=0.0, max=MAX_SMALL)
     activation: str = option(
-        "silu", "MLP activation.", choices=("silu", "gelu", "relu", "squared_relu")
+        "silu", "MLP activation (gelu_tanh: GELU's tanh approximation, Gemma; quick_gelu: x * sigmoid(1.702 x), "
+        "GPT-OSS).", choices=("silu", "gelu", "gelu_tanh", "quick_gelu", "relu", "squared_relu")
     )
+    glu_linear_offset: float = option(
+        0.0, "Added to the linear half of a gated MLP: act(gate) * (up + offset) (GPT-OSS: 1.0).",
+        min=-MAX_FACTOR, max=MAX_FACTOR)
+    activation_func_clamp_value: float | None = option(
+        None, "Clamp of the gated MLP's inputs (GPT-OSS: 7.0); unset for none.", min=0.0, max=MAX_FACTOR)
     gated_linear_unit: bool = option(True, "Gated MLP (SwiGLU with silu, GeGLU with gelu).")
     position_embedding_type: str = option(
         "rope", "Positional encoding.", choices=("rope", "learned_absolute", "none")
@@ -61,10 +67,44 @@ class ModelConfig:
     rope_scaling_factor: float = option(8.0, "Scaling factor of `rope_scaling`.", min=1.0, max=MAX_FACTOR)
     rope_original_max_position_embeddings: int = option(
         8192, "Context the RoPE scaling was derived from (Llama 3.1: 8192).", min=1, max=MAX_TOKENS)
+    rope_beta_fast: float = option(32.0, "YaRN: fast rotation boundary (beta_fast).", min=0.0, max=MAX_FACTOR)
+    rope_beta_slow: float = option(1.0, "YaRN: slow rotation boundary (beta_slow).", min=0.0, max=MAX_FACTOR)
+    rope_mscale: float = option(1.0, "YaRN: attention temperature scale (mscale).", min=0.0, max=MAX_FACTOR)
+    rope_mscale_all_dim: float = option(
+        0.0, "YaRN: mscale applied to all dims (DeepSeek: mscale_all_dim).", min=0.0, max=MAX_FACTOR)
+    rotary_base_local: float | None = option(
+        None, "RoPE theta of the sliding-window layers when it differs (Gemma 3: 10000).", min=1.0, max=MAX_THETA)
     share_embeddings_and_output_weights: bool = option(
         False, "Tie the input embedding and the output layer."
     )
-    qk_layernorm: bool = option(False, "Normalize queries and keys per head (Qwen3).")
+    qk_layernorm: bool = option(False, "Normalize queries and keys per head (Qwen3, Gemma 3).")
+    layernorm_zero_centered_gamma: bool = option(
+        False, "Norm weights stored zero-centred, applied as (1 + w) (Gemma).")
+    sandwich_norm: bool = option(
+        False, "Also normalize each attention and MLP output before the residual add (Gemma 2/3).")
+    scale_embeddings: bool = option(False, "Multiply the input embeddings by sqrt(hidden_size) (Gemma).")
+    # Attention variants.
+    softmax_scale: float | None = option(
+        None, "Attention logit scale; unset for 1/sqrt(head dim) (Gemma 3: query_pre_attn_scalar ** -0.5).",
+        min=0.0, max=MAX_FACTOR)
+    softmax_type: str = option(
+        "vanilla", "Attention softmax: vanilla, off-by-one, or learnable (a learned per-head sink logit, GPT-OSS).",
+        choices=("vanilla", "off-by-one", "learnable"))
+    window_size: int | None = option(
+        None, "Sliding-window attention: tokens each query sees to its left; unset for full attention.",
+        min=1, max=MAX_TOKENS)
+    window_attn_skip_freq: int | None = option(
+        None, "With window_size: every Nth layer attends globally (Gemma 3: 6, GPT-OSS: 2); unset for all "
+        "layers windowed.", min=1, max=MAX_LAYERS)
+    # Multi-head latent attention (DeepSeek-V2/V3).
+    multi_latent_attention: bool = option(False, "Multi-head latent attention (DeepSeek): low-rank q/kv projections.")
+    q_lora_rank: int | None = option(None, "MLA: query low-rank dim; unset for a full query projection.",
+                                     min=1, max=MAX_WIDTH)
+    kv_lora_rank: int = option(512, "MLA: key/value latent dim.", min=1, max=MAX_WIDTH)
+    qk_head_dim: int = option(128, "MLA: per-head q/k dim without RoPE (qk_nope_head_dim).", min=1, max=MAX_WIDTH)
+    qk_pos_emb_head_dim: int = option(64, "MLA: per-head q/k RoPE dim (qk_rope_head_dim).", min=1, max=MAX_WIDTH)
+    v_head_dim: int = option(128, "MLA: per-head value dim.", min=1, max=MAX_WIDTH)
+    # DEEPSEEK-FIELDS / GEMMA3-FIELDS / GPT-OSS-FIELDS: family helpers add fields here.
     add_bias_linear: bool = option(False, "Biases in the linear layers.")
     add_qkv_bias: bool = option(False, "Bias in the QKV projection only (Qwen2).")
     hidden_dropout: float = option(0.0, "Dropout after attention and MLP.", min=0.0, max=1.0)
@@ -86,6 +126,26 @@ class ModelConfig:
     moe_token_dispatcher_type: str = option(
         "alltoall", "How tokens reach experts.", choices=("alltoall", "allgather")
     )
+    moe_first_k_dense: int = option(
+        0, "Leading layers with a dense MLP before the MoE layers (HF first_k_dense_replace).", min=0, max=MAX_LAYERS)
+    moe_router_score_function: str = option(
+        "softmax", "Router scores: softmax, or sigmoid (DeepSeek-V3).", choices=("softmax", "sigmoid"))
+    moe_router_pre_softmax: bool = option(
+        False, "Softmax over all experts before top-k (GPT-OSS: false, top-k then softmax).")
+    moe_router_enable_expert_bias: bool = option(
+        False, "Aux-loss-free load balancing: a per-expert bias on the routing scores (DeepSeek-V3).")
+    moe_router_bias_update_rate: float = option(
+        1e-3, "Update rate of the expert bias.", min=0.0, max=MAX_FACTOR)
+    moe_router_num_groups: int | None = option(
+        None, "Group-limited routing: expert groups (DeepSeek-V3: 8); unset for none.", min=1, max=MAX_HEADS)
+    moe_router_group_topk: int | None = option(
+        None, "Group-limited routing: groups each token may use (DeepSeek-V3: 4).", min=1, max=MAX_HEADS)
+    moe_router_topk_scaling_factor: float | None = option(
+        None, "Scale of the routed experts' weights (DeepSeek: routed_scaling_factor).", min=0.0, max=MAX_FACTOR)
+    # Multi-token prediction (DeepSeek-V3).
+    mtp_num_layers: int | None = option(None, "Multi-token-prediction layers; unset for none.", min=1, max=MAX_LAYERS)
+    mtp_loss_scaling_factor: float = option(0.1, "Weight of the multi-token-prediction loss.", min=0.0,
+                                            max=MAX_FACTOR)
     # Activation memory.
     recompute_granularity: str | None = option(
         None, "Activation recomputation.", choices=("selective", "full")
