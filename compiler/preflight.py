@@ -3,7 +3,8 @@
 A recipe can be valid and still impossible *here*: a GPU recipe on a machine without a GPU
 (it would start 8 CPU ranks of an 8B model and be OOM-killed a minute later), more
 processes per node than the machine has GPUs, sequence parallelism on Megatron-Core's local
-modules (torch's LayerNorm asserts against it, a 189-line traceback per rank), no torch,
+modules (torch's LayerNorm asserts against it, a 189-line traceback per rank), context
+parallelism on them (their SDPA attention cannot split a sequence: a traceback per rank), no torch,
 or, on node 0 of a multi-node run, a rendezvous port some other program holds. Each of these
 is a `Problem` here, all of them are raised together as one LaunchError (exit 2, the fix in
 the hint), within a second, and nothing is written or started.
@@ -160,6 +161,14 @@ def machine_problems(built: Built, source: SourceOf, have: Callable[[str], bool]
                     f"Megatron-Core's local modules, whose torch LayerNorm refuses it ({why})",
                     "set parallel.sequence_parallel=false (tensor parallelism works without it), or install "
                     "Transformer Engine on a GPU machine: pip install -e '.[te]'")
+    if p.context_parallel_size > 1:
+        why = local_modules_reason(c.model.transformer_impl, c.train.torch_compile, have("transformer_engine"))
+        if why is not None:  # the local spec's attention (torch SDPA) cannot split a sequence over ranks
+            problem(("parallel", "context_parallel_size"),
+                    "context parallelism needs Transformer Engine's attention, but this run builds "
+                    f"Megatron-Core's local modules, whose attention does not split sequences ({why})",
+                    "set parallel.context_parallel_size=1, or run with Transformer Engine on a GPU machine: "
+                    "pip install -e '.[te]'")
     return problems
 
 

@@ -84,7 +84,7 @@ def test_sequence_parallel_with_explicit_local_modules_even_with_te(workdir: Pat
 
 def test_sequence_parallel_with_apex_norms_passes(workdir: Path, machine) -> None:
     machine(gpu_count=8, have=frozenset({"torch", "apex"}))  # local modules take Apex's fused LayerNorm
-    built = build("llama3_8b", list(SP))
+    built = build("llama3_8b", [*SP, "parallel.context_parallel_size=1"])  # (Apex gives no CP attention)
     assert preflight.machine_problems(built, built.tree.source, preflight.installed, preflight.gpus) == []
 
 
@@ -99,9 +99,17 @@ def test_every_reason_at_once(workdir: Path, machine) -> None:
     machine(gpu_count=0, have=frozenset())
     code, text, seconds = _launch("llama3_8b", *SP, "-o", "out")
     _refused(code, text, seconds, workdir)
-    assert "3 problems" in text
+    assert "4 problems" in text
     assert "torch is not installed" in text and "[launch.accelerator]" in text
-    assert "[parallel.sequence_parallel]" in text
+    assert "[parallel.sequence_parallel]" in text and "[parallel.context_parallel_size]" in text
+
+
+def test_context_parallel_on_local_modules(workdir: Path, machine) -> None:
+    machine(gpu_count=8, have=frozenset({"torch", "apex"}))  # llama3_8b has CP 2; no TE attention here
+    code, text, seconds = _launch("llama3_8b", "-o", "out")
+    _refused(code, text, seconds, workdir)
+    assert "[parallel.context_parallel_size] context parallelism needs Transformer Engine's attention" in text
+    assert "transformer_engine is not installed" in text and "parallel.context_parallel_size=1" in text
 
 
 @pytest.mark.parametrize("extra", [["--dry-run"], ["--executor", "slurm", "--dry-run"], ["--nodes", "2"]])
