@@ -2,79 +2,24 @@
 
 from __future__ import annotations
 
-import errno
-import functools
+import importlib
 import json
 import os
 import sys
-from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
 from .api import Compiled, build
+from .cli_base import USER_ERROR, fail, user_errors
+from .cli_base import files as _files
+from .cli_base import overrides as _overrides
 from .errors import Problem, RecipeError
 from .executors import executor_for
 from .text import shown
 
-USER_ERROR = 2
-
-
-def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """The CLI's one boundary: anything a user or a file can cause ends in one `recipec: error:`
-    message and exit 2. RecipeError carries file, line, key and hint; the file-caused exceptions
-    below are a last resort for what no check foresaw (a directory vanishing mid-build, a full
-    disk). Everything else is a bug in recipec and keeps its traceback."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except RecipeError as exc:
-            _fail(str(exc))
-        except BrokenPipeError:
-            _quiet_broken_pipe()
-        except OSError as exc:
-            _fail(_os_message(exc))
-        except UnicodeError as exc:
-            _fail(f"text that is not valid UTF-8 ({exc.reason})",
-                  "file names, recipes and overrides are UTF-8 text")
-        except RecursionError:
-            _fail("input nested too deeply to read", "a recipe nests a few tables deep; flatten the data")
-
-    return wrapper
-
-
-def _quiet_broken_pipe() -> NoReturn:
-    """`recipec schema | head` closed our stdout: that is the reader's choice, not an error.
-    Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    sys.exit(0)
-
-
-def _fail(message: str, hint: str | None = None) -> NoReturn:
-    text = f"recipec: error: {message}" + (f"\n   hint: {hint}" if hint else "")
-    # Arguments that are not UTF-8 arrive as surrogates; print them escaped rather than fail again.
-    click.echo(text.encode("utf-8", "backslashreplace").decode("utf-8"), err=True)
-    sys.exit(USER_ERROR)
-
-
-_OS_HINTS = {
-    errno.EEXIST: "a file is in the way: -o names a directory (it is created when missing)",
-    errno.ENOTDIR: "a file is in the way: -o names a directory (it is created when missing)",
-    errno.EISDIR: "name a file, not a directory",
-    errno.ENAMETOOLONG: "use a shorter path",
-    errno.EACCES: "choose a path you may read and write, e.g. -o under your home or working directory",
-    errno.EROFS: "choose a writable location",
-    errno.ENOSPC: "free some space or write elsewhere (-o)",
-}
-
-
-def _os_message(exc: OSError) -> str:
-    where = shown(os.fsdecode(exc.filename)) + ": " if exc.filename is not None else ""
-    hint = _OS_HINTS.get(exc.errno or 0)
-    return f"{where}{exc.strerror or exc}" + (f"\n   hint: {hint}" if hint else "")
+# The shared conventions (also used by the runtime's commands, which must not import this module).
+_user_errors, _fail = user_errors, fail
 
 
 def _check_out(out: str | None) -> None:
@@ -119,8 +64,6 @@ def main() -> None:
     """Compile TOML training recipes for Megatron-Core and launch them."""
 
 
-_overrides = click.argument("overrides", nargs=-1)
-_files = click.option("-f", "--file", "files", multiple=True, metavar="FILE", help="TOML overlay, applied in order.")
 
 
 @main.command("build")
@@ -239,20 +182,37 @@ def import_hf_cmd(path: str, out: str | None, base: str) -> None:
         click.echo(text, nl=False)
 
 
-@main.command("convert", add_help_option=False,
-              context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def convert_cmd(args: tuple[str, ...]) -> None:
-    """Weights: `convert hf-to-mcore HF_DIR -o CKPT` | `convert mcore-to-hf CKPT --recipe R -o HF_OUT` (needs torch)."""
-    import importlib
+# Commands that need torch (the runtime extra), declared here by "module:function" and imported only
+# when one runs, so that the compiler imports nothing from runtime/ and `recipec build` never loads
+# torch. Each function takes the command's arguments (a list of strings) and returns the exit status.
+RUNTIME_COMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("recipec.runtime.hf.cli:main",
+                ("Weights: `convert hf-to-mcore HF_DIR -o CKPT` | `convert mcore-to-hf CKPT --recipe R -o HF_OUT` | "
+                 "`convert verify CKPT HF_DIR --recipe R` (needs torch).")),
+}
 
-    try:  # the compiler never imports the runtime unless this command runs
-        runtime_cli = importlib.import_module("recipec.runtime.hf.cli")
-    except ImportError as exc:
-        click.echo(f"recipec: error: `recipec convert` needs the runtime (torch, megatron-core, safetensors): "
-                   f"{exc}\n   hint: pip install 'recipec[runtime]'", err=True)
-        sys.exit(USER_ERROR)
-    sys.exit(runtime_cli.main(list(args)))
+
+def _runtime_command(name: str, target: str, summary: str) -> click.Command:
+    """A command that hands its arguments to `target` ("module:function"), imported when it runs."""
+
+    def run(args: tuple[str, ...]) -> None:
+        module_name, function = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            click.echo(f"recipec: error: `recipec {name}` needs the runtime (torch, megatron-core, safetensors): "
+                       f"{exc}\n   hint: pip install 'recipec[runtime]'", err=True)
+            sys.exit(USER_ERROR)
+        sys.exit(getattr(module, function)(list(args)))
+
+    run.__doc__ = summary
+    command = click.command(name, add_help_option=False, help=summary,
+                            context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    return command(click.argument("args", nargs=-1, type=click.UNPROCESSED)(run))
+
+
+for _name, (_target, _summary_text) in RUNTIME_COMMANDS.items():
+    main.add_command(_runtime_command(_name, _target, _summary_text))
 
 
 @main.command()

@@ -47,11 +47,15 @@ STRUCTURE = frozenset({
     "kv_channels", "normalization", "gated_linear_unit", "position_embedding_type",
     "share_embeddings_and_output_weights", "qk_layernorm", "add_bias_linear", "add_qkv_bias", "num_moe_experts",
     "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", PADDED_VOCAB,
+    # Generic features that add, drop or reshape tensors (recipec issue 12).
+    "multi_latent_attention", "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
+    "softmax_type", "sandwich_norm", "moe_first_k_dense", "moe_router_enable_expert_bias", "mtp_num_layers",
 })
 QUIET = frozenset({
     "transformer_impl", "init_method_std", "recompute_granularity", "recompute_method", "recompute_num_layers",
     "moe_grouped_gemm", "moe_token_dispatcher_type", "hidden_dropout", "attention_dropout",
     "moe_aux_loss_coeff", "moe_router_load_balancing_type", "make_vocab_size_divisible_by",
+    "moe_router_bias_update_rate", "mtp_loss_scaling_factor",
 })
 
 # Megatron-Core's and torch's words for "these tensors do not fit this model" (dist_checkpointing's

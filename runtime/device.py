@@ -98,6 +98,11 @@ _CUDA_ON_CPU_MODULES: tuple[str, ...] = (
     "megatron.core.transformer.transformer_block",
     "megatron.core.transformer.transformer_layer",
     "megatron.core.transformer.mlp",
+    # Local attention for windows / softmax offsets (its learnable sink is allocated on current_device())
+    # and multi-token prediction's loss tracker (runtime/layer_spec.py, recipec issue 12).
+    "megatron.core.transformer.dot_product_attention",
+    "megatron.core.transformer.multi_latent_attention",
+    "megatron.core.transformer.multi_token_prediction",
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
     "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding",
     "megatron.core.dist_checkpointing.exchange_utils",

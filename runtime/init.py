@@ -7,7 +7,7 @@ taking this rank's shard by its global offset gives identical weights under
 every TP/PP/VPP layout, so a layout change never changes the model: the runtime
 uses it on CPU, where full tensors are cheap. Std follows Megatron: N(0, std)
 for inputs, N(0, std / sqrt(2 * num_layers)) for output projections, ones for
-norms, zeros for biases.
+norms (zeros where they are stored zero-centred), zeros for biases.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ _OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")
 def keyed_init(chunks: list[Any], seed: int, std: float, num_layers: int) -> None:
     with torch.no_grad():
         for chunk in chunks:
+            # Zero-centred norms (Gemma) apply (1 + w): the identity is w = 0.
+            norm_init = torch.zeros if getattr(chunk.config, "layernorm_zero_centered_gamma", False) else torch.ones
             for sharded in _sharded_tensors(chunk.sharded_state_dict().values()):
                 if sharded.flattened_range is not None:
                     continue
@@ -33,7 +35,7 @@ def keyed_init(chunks: list[Any], seed: int, std: float, num_layers: int) -> Non
                 if key.endswith("bias"):
                     full = torch.zeros(sharded.global_shape)
                 elif "norm" in key:
-                    full = torch.ones(sharded.global_shape)
+                    full = norm_init(sharded.global_shape)
                 else:
                     scale = std / math.sqrt(2 * num_layers) if key.endswith(_OUTPUT_PROJECTIONS) else std
                     full = torch.randn(sharded.global_shape, generator=generator) * scale

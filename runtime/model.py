@@ -16,19 +16,31 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.fusions.fused_bias_geglu import quick_gelu
 from megatron.core.models.gpt import GPTModel
-from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 
 from recipec.compiler.errors import RecipeError
 from recipec.compiler.schema import ParallelConfig, RecipeConfig
 
-from .layer_spec import gpt_layer_spec, uses_transformer_engine
+from . import families
+from .families import SpecContext
+from .layer_spec import LOCAL_LABEL, TE_LABEL, decoder_spec, uses_transformer_engine
 
 log = logging.getLogger("recipec.runtime")
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation (HF gelu_pytorch_tanh / gelu_new; Gemma)."""
+    return F.gelu(x, approximate="tanh")
+
 
 _ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
+    "gelu_tanh": gelu_tanh,
+    # Megatron's own function object: its MLP recognises it (fused GEGLU, clamp and linear offset).
+    "quick_gelu": quick_gelu,
     "relu": F.relu,
     "squared_relu": lambda x: torch.pow(F.relu(x), 2),
 }
@@ -109,6 +121,13 @@ def transformer_config(c: RecipeConfig, *, on_gpu: bool, te: bool) -> Transforme
         add_bias_linear=m.add_bias_linear,
         add_qkv_bias=m.add_qkv_bias,
         qk_layernorm=m.qk_layernorm,
+        layernorm_zero_centered_gamma=m.layernorm_zero_centered_gamma,
+        glu_linear_offset=m.glu_linear_offset,
+        activation_func_clamp_value=m.activation_func_clamp_value,
+        softmax_type=m.softmax_type,
+        softmax_scale=m.softmax_scale,
+        window_size=(m.window_size, 0) if m.window_size else None,
+        window_attn_skip_freq=m.window_attn_skip_freq if m.window_size else None,
         hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout,
         init_method_std=m.init_method_std,
@@ -130,7 +149,8 @@ def transformer_config(c: RecipeConfig, *, on_gpu: bool, te: bool) -> Transforme
         masked_softmax_fusion=on_gpu,
         bias_activation_fusion=on_gpu and m.gated_linear_unit and m.activation == "silu" and te,
         bias_dropout_fusion=on_gpu,
-        apply_rope_fusion=on_gpu and te,
+        # Megatron's MLA fuses RoPE only for YaRN (MLATransformerConfig raises otherwise).
+        apply_rope_fusion=on_gpu and te and (not m.multi_latent_attention or m.rope_scaling == "yarn"),
         persist_layer_norm=on_gpu and te,
         cross_entropy_loss_fusion=on_gpu,
         cross_entropy_fusion_impl="te" if te else "native",
@@ -145,7 +165,23 @@ def transformer_config(c: RecipeConfig, *, on_gpu: bool, te: bool) -> Transforme
             moe_aux_loss_coeff=m.moe_aux_loss_coeff,
             moe_grouped_gemm=m.moe_grouped_gemm and on_gpu,
             moe_token_dispatcher_type=m.moe_token_dispatcher_type,
+            moe_router_score_function=m.moe_router_score_function,
+            moe_router_pre_softmax=m.moe_router_pre_softmax,
+            moe_router_enable_expert_bias=m.moe_router_enable_expert_bias,
+            moe_router_bias_update_rate=m.moe_router_bias_update_rate,
+            moe_router_num_groups=m.moe_router_num_groups,
+            moe_router_group_topk=m.moe_router_group_topk,
+            moe_router_topk_scaling_factor=m.moe_router_topk_scaling_factor,
         )
+        if m.moe_first_k_dense:  # dense leading layers (DeepSeek first_k_dense_replace): 0 = dense, 1 = MoE
+            k = min(m.moe_first_k_dense, m.num_layers)
+            kwargs["moe_layer_freq"] = [0] * k + [1] * (m.num_layers - k)
+    if m.mtp_num_layers:
+        kwargs.update(mtp_num_layers=m.mtp_num_layers, mtp_loss_scaling_factor=m.mtp_loss_scaling_factor)
+    cls: type[TransformerConfig] = TransformerConfig
+    if m.multi_latent_attention:
+        cls = MLATransformerConfig
+        kwargs.update(_mla_kwargs(c))
     kwargs.update(_cuda_graph_kwargs(c))
     if prec.fp8:
         kwargs.update(
@@ -155,7 +191,46 @@ def transformer_config(c: RecipeConfig, *, on_gpu: bool, te: bool) -> Transforme
             fp8_amax_compute_algo=prec.fp8_amax_compute_algo,
             fp8_param=prec.fp8_param_gather,
         )
-    return TransformerConfig(**_supported(TransformerConfig, kwargs))
+    kwargs.update(families.get(m.architecture).config_kwargs(m))
+    # Megatron reads YaRN's parameters of a non-MLA model as config attributes it does not declare
+    # (GPTModel's YarnRotaryEmbedding and the attention's mscale: getattr(config, "yarn_...")).
+    attributes = {k: kwargs.pop(k) for k in [k for k in kwargs if k.startswith("yarn_")]}
+    if m.rope_scaling == "yarn" and not m.multi_latent_attention:
+        attributes = {**_yarn_attributes(c), **attributes}
+    config = cls(**_supported(cls, kwargs))
+    for name, value in attributes.items():
+        setattr(config, name, value)
+    return config
+
+
+def _mla_kwargs(c: RecipeConfig) -> dict[str, Any]:
+    """MLATransformerConfig's own fields: the low-rank projections and its RoPE (plain or YaRN)."""
+    m = c.model
+    if m.rope_scaling not in (None, "yarn"):
+        raise RecipeError(f"model.rope_scaling={m.rope_scaling!r} with multi_latent_attention: Megatron-Core's MLA "
+                          'has plain RoPE or YaRN only; set model.rope_scaling = "yarn" or unset it')
+    return dict(
+        q_lora_rank=m.q_lora_rank, kv_lora_rank=m.kv_lora_rank, qk_head_dim=m.qk_head_dim,
+        qk_pos_emb_head_dim=m.qk_pos_emb_head_dim, v_head_dim=m.v_head_dim,
+        rope_type="yarn" if m.rope_scaling == "yarn" else "rope",
+        rotary_base=m.rotary_base, rotary_percent=m.rotary_percent,
+        rotary_scaling_factor=m.rope_scaling_factor,
+        original_max_position_embeddings=m.rope_original_max_position_embeddings,
+        beta_fast=m.rope_beta_fast, beta_slow=m.rope_beta_slow,
+        mscale=m.rope_mscale, mscale_all_dim=m.rope_mscale_all_dim,
+    )
+
+
+def _yarn_attributes(c: RecipeConfig) -> dict[str, Any]:
+    """YaRN of a standard-attention model, under the attribute names GPTModel reads."""
+    m = c.model
+    return dict(
+        yarn_rotary_scaling_factor=m.rope_scaling_factor,
+        yarn_original_max_position_embeddings=m.rope_original_max_position_embeddings,
+        yarn_beta_fast=m.rope_beta_fast, yarn_beta_slow=m.rope_beta_slow,
+        yarn_mscale=m.rope_mscale, yarn_mscale_all_dim=m.rope_mscale_all_dim,
+        yarn_correction_range_round_to_int=getattr(m, "rope_yarn_truncate", True),
+    )
 
 
 def _cuda_graph_kwargs(c: RecipeConfig) -> dict[str, Any]:
@@ -203,17 +278,27 @@ def init_model_parallel(c: RecipeConfig) -> None:
 
 
 def build_model_chunks(c: RecipeConfig, padded_vocab: int, *, on_gpu: bool) -> tuple[list[GPTModel], str]:
-    """This rank's model chunks (one per virtual pipeline stage) and which layer spec they use."""
+    """This rank's model chunks (one per virtual pipeline stage) and which layer spec they use.
+
+    The model family (runtime/families) may add TransformerConfig and GPTModel kwargs, replace the
+    layer spec, and adjust each built chunk (`post_build`)."""
     m = c.model
-    spec, backend = gpt_layer_spec(m.num_moe_experts, m.moe_grouped_gemm and on_gpu, m.qk_layernorm, m.normalization,
-                                   impl=m.transformer_impl, torch_compile=c.train.torch_compile)
-    if c.precision.fp8 and backend != "transformer_engine":
+    family = families.get(m.architecture)
+    te = uses_transformer_engine(m.transformer_impl, c.train.torch_compile)
+    backend = TE_LABEL if te else LOCAL_LABEL  # decoder_spec says which local attention
+    if c.precision.fp8 and not te:
         raise RecipeError(f"precision.fp8={c.precision.fp8!r} needs Transformer Engine, which does not import "
                           "here; install recipec[te] or unset precision.fp8")
-    config = transformer_config(c, on_gpu=on_gpu, te=backend == "transformer_engine")
+    config = transformer_config(c, on_gpu=on_gpu, te=te)
     vpp = c.parallel.virtual_pipeline_model_parallel_size or 1
     chunks = []
     for vp_stage in range(vpp):
+        ctx = SpecContext(te=te, on_gpu=on_gpu, moe_grouped_gemm=m.moe_grouped_gemm and on_gpu, config=config,
+                          vp_stage=vp_stage if vpp > 1 else None)
+        spec, backend = decoder_spec(m, ctx)
+        if family.layer_spec is not None:
+            spec = family.layer_spec(m, ctx)
+        yarn = m.rope_scaling == "yarn" and not m.multi_latent_attention
         kwargs: dict[str, Any] = dict(
             config=config,
             transformer_layer_spec=spec,
@@ -224,7 +309,7 @@ def build_model_chunks(c: RecipeConfig, padded_vocab: int, *, on_gpu: bool) -> t
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
             if vpp > 1 else parallel_state.is_pipeline_last_stage(),
             share_embeddings_and_output_weights=m.share_embeddings_and_output_weights,
-            position_embedding_type=m.position_embedding_type,
+            position_embedding_type="yarn" if yarn else m.position_embedding_type,
             rotary_percent=m.rotary_percent,
             rotary_base=int(m.rotary_base),
             rope_scaling=m.rope_scaling == "llama3",
@@ -233,7 +318,12 @@ def build_model_chunks(c: RecipeConfig, padded_vocab: int, *, on_gpu: bool) -> t
         )
         if m.rope_scaling == "linear":
             kwargs["seq_len_interpolation_factor"] = m.rope_scaling_factor
+        if m.mtp_num_layers:
+            kwargs["mtp_block_spec"] = _mtp_block_spec(config, spec, te, ctx.vp_stage)
+        kwargs.update(family.model_kwargs(m))
         model = GPTModel(**_supported(GPTModel, kwargs))
+        if family.post_build is not None:
+            family.post_build(model, m)
         if on_gpu:
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
@@ -245,6 +335,13 @@ def build_model_chunks(c: RecipeConfig, padded_vocab: int, *, on_gpu: bool) -> t
         else:
             log.info("fused wgrad accumulation off (runtime.model.TE_WGRAD_FUSION = False)")
     return chunks, backend
+
+
+def _mtp_block_spec(config: TransformerConfig, spec: Any, te: bool, vp_stage: int | None) -> Any:
+    """Megatron's multi-token-prediction block (its layers repeat the decoder's last layer spec)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+    return get_gpt_mtp_block_spec(config, spec, use_transformer_engine=te, vp_stage=vp_stage)
 
 
 def wrap_ddp(c: RecipeConfig, chunks: list[GPTModel]) -> list[DistributedDataParallel]:

@@ -21,9 +21,9 @@ class ModelConfig:
     """GPT-family decoder (Llama, Qwen, Mistral, Mixtral...): shape, norms, RoPE, MoE."""
 
     architecture: str = option(
-        "llama", "Family, used for the HF bridge and `recipec list`.",
-        choices=("gpt", "llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe", "gemma2"),
-    )  # FAMILY-CHOICES (the family registry replaces this list)
+        "llama", "Model family (a module of compiler/families: its HF bridge, weights and layer spec); "
+        "`recipec list` names them.",
+    )  # checked against the family registry by validate.py (no list here: families are plug-ins)
     transformer_impl: str = option(
         "auto", "Layer implementation: Transformer Engine's fused modules, or Megatron-Core's local modules "
         "with torch SDPA; auto takes Transformer Engine where it imports (and local with train.torch_compile).",
@@ -105,6 +105,8 @@ class ModelConfig:
     qk_pos_emb_head_dim: int = option(64, "MLA: per-head q/k RoPE dim (qk_rope_head_dim).", min=1, max=MAX_WIDTH)
     v_head_dim: int = option(128, "MLA: per-head value dim.", min=1, max=MAX_WIDTH)
     # DEEPSEEK-FIELDS / GEMMA3-FIELDS / GPT-OSS-FIELDS: family helpers add fields here.
+    rope_yarn_truncate: bool = option(
+        True, "YaRN: round the correction range to whole dims (HF rope_parameters.truncate; GPT-OSS: false).")
     add_bias_linear: bool = option(False, "Biases in the linear layers.")
     add_qkv_bias: bool = option(False, "Bias in the QKV projection only (Qwen2).")
     hidden_dropout: float = option(0.0, "Dropout after attention and MLP.", min=0.0, max=1.0)

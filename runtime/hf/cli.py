@@ -9,11 +9,11 @@ Before anything is read, `main` makes every checkpoint load weights-only (runtim
 from __future__ import annotations
 
 import click
-from recipec.compiler.cli import (  # the CLI's one set of conventions
-    _files,
-    _overrides,
-    _user_errors,
+from recipec.compiler.cli_base import (
+    files as _files,  # the CLI's one set of conventions
 )
+from recipec.compiler.cli_base import overrides as _overrides
+from recipec.compiler.cli_base import user_errors as _user_errors
 from recipec.compiler.errors import RecipeError
 
 
@@ -47,15 +47,34 @@ def hf_to_mcore_cmd(hf_dir: str, overrides: tuple[str, ...], recipe: str | None,
 @_files
 @click.option("-o", "--out", required=True, metavar="HF_OUT", help="Directory for safetensors + config.json.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors file (e.g. 500MB).")
+@click.option("--merge-lora", is_flag=True, help="A LoRA/DoRA checkpoint: merge its adapters into the weights.")
+@click.option("--adapter-only", is_flag=True,
+              help="A LoRA/DoRA checkpoint: write only its adapters, in PEFT's format (PeftModel.from_pretrained).")
 @_user_errors
 def mcore_to_hf_cmd(ckpt_dir: str, overrides: tuple[str, ...], recipe: str, files: tuple[str, ...], out: str,
-                    max_shard_size: str) -> None:
+                    max_shard_size: str, merge_lora: bool, adapter_only: bool) -> None:
     """CKPT_DIR (a checkpoint root or one iter_* directory) -> an HF directory transformers loads."""
     from .convert import mcore_to_hf
+    from .lora_export import export_adapter
 
-    path = mcore_to_hf(ckpt_dir, out, recipe=recipe, overrides=overrides, files=files,
-                       max_shard_size=_size(max_shard_size))
+    if merge_lora and adapter_only:
+        raise RecipeError("--merge-lora and --adapter-only exclude each other (a merged model, or only the adapters)")
+    if adapter_only:
+        path = export_adapter(ckpt_dir, out, recipe=recipe, overrides=overrides, files=files)
+    else:
+        path = mcore_to_hf(ckpt_dir, out, recipe=recipe, overrides=overrides, files=files,
+                           max_shard_size=_size(max_shard_size), merge_lora=merge_lora)
     click.echo(f"wrote {path}")
+
+
+def _add_verify() -> None:
+    """`convert verify`: runtime/hf/verify.py's click command, in this group."""
+    from .verify import verify_cmd
+
+    convert.add_command(verify_cmd, "verify")
+
+
+_add_verify()
 
 
 def _size(text: str) -> int:

@@ -16,7 +16,7 @@ The checkpoint holds the recipe's `precision.dtype`, and the export the checkpoi
 `recipec import-hf` writes the HF weights' dtype there, so HF -> mcore -> HF gives back
 the same bits; a recipe that trains in a narrower dtype than the weights is warned about.
 
-The architecture-specific part is only `mappings.TABLES`.
+The architecture-specific part is only the family's weight table (runtime/families).
 
 Converting a large model takes minutes: rank 0 logs how far it has got every few seconds
 while it runs (runtime/logs.Progress) and, at the end, what it wrote and how long it took.
@@ -32,10 +32,10 @@ import shutil
 import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 import torch.distributed as dist
 from recipec.compiler.hf_fields import HFImportError
@@ -48,7 +48,8 @@ from recipec.compiler.schema import RecipeConfig
 
 from ..logs import Progress, console, size
 from .export_files import plan_export, write_export_files
-from .mappings import ArchMapping, MappingError, Shape, canonical_name
+from .lora_export import adapters_for_merge
+from .mappings import ArchMapping, MappingError, Shape, stacked_name
 from .reader import HFConvertError, HFReader, is_hf_dir
 
 log = logging.getLogger("recipec.runtime")
@@ -57,7 +58,10 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 # Recipe fields an HF directory must agree with to be loaded into the recipe's model.
 _MUST_MATCH = ("architecture", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                "num_query_groups", "kv_channels", "vocab_size", "share_embeddings_and_output_weights",
-               "qk_layernorm", "add_qkv_bias", "num_moe_experts", "moe_ffn_hidden_size")
+               "qk_layernorm", "add_qkv_bias", "num_moe_experts", "moe_ffn_hidden_size",
+               "moe_shared_expert_intermediate_size", "multi_latent_attention", "q_lora_rank", "kv_lora_rank",
+               "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "moe_first_k_dense", "softmax_type",
+               "sandwich_norm")
 
 
 def model_shape(c: RecipeConfig, padded_vocab: int) -> Shape:
@@ -72,8 +76,10 @@ def check_hf_matches(hf_dir: Path, c: RecipeConfig) -> None:
     cfg, _ = read_hf_config(hf_dir)
     fields, _row = model_fields(cfg)
     m = c.model
-    bad = [f"model.{k} = {getattr(m, k)!r} but {hf_dir}/config.json gives {fields.get(k)!r}"
-           for k in _MUST_MATCH if fields.get(k) != getattr(m, k)]
+    # A key the import does not set stands for the schema's default (a Llama config says nothing of MLA).
+    defaults = {f.name: f.default for f in attrs.fields(type(m))}
+    bad = [f"model.{k} = {getattr(m, k)!r} but {hf_dir}/config.json gives {fields.get(k, defaults[k])!r}"
+           for k in _MUST_MATCH if fields.get(k, defaults[k]) != getattr(m, k)]
     if bad:
         raise HFConvertError("the Hugging Face model does not match the recipe:\n   " + "\n   ".join(bad))
 
@@ -121,7 +127,7 @@ def load_hf_into_chunks(hf_dir: str | Path, chunks: Sequence[Any], c: RecipeConf
             prefix = tuple(sh.global_offset[: sh.prepend_axis_num])
             ident = (sh.key, prefix)
             if cache is None or cache[0] != ident:  # fused fc1 arrives as two views of one tensor
-                name = canonical_name(sh.key, prefix)
+                name = mapping.canonical_name(sh.key, prefix)
                 try:
                     full = mapping.to_mcore(name, reader.get)
                 except MappingError as exc:
@@ -177,7 +183,11 @@ def _no_random_init() -> Iterator[None]:
     original = rmodel.transformer_config
 
     def no_init(*args: Any, **kwargs: Any) -> Any:
-        return replace(original(*args, **kwargs), perform_initialization=False)
+        # set, not dataclasses.replace: a copy would lose the attributes set on the config after
+        # construction (the yarn_* ones GPTModel reads for YaRN RoPE)
+        config = original(*args, **kwargs)
+        config.perform_initialization = False
+        return config
 
     rmodel.transformer_config = no_init
     try:
@@ -341,9 +351,12 @@ def _reading(step_dir: Path) -> Iterator[None]:
 
 
 def _prepend_axes(key: str) -> int:
+    """Axes Megatron prepends to a checkpoint tensor: layer (unless saved per layer, `decoder.layers.<n>.`,
+    as with a moe_layer_freq list), then expert for SequentialMLP's experts."""
     if not key.startswith("decoder.layers."):
         return 0
-    return 2 if ".experts.experts." in key else 1
+    experts = 1 if ".experts.experts." in key else 0
+    return experts if key.split(".")[2].isdigit() else 1 + experts
 
 
 class _ShardWriter:
@@ -390,7 +403,7 @@ class _ShardWriter:
 
 
 def mcore_to_hf(ckpt_dir: str | Path, out: str | Path, *, recipe: str, overrides: Sequence[str] = (),
-                files: Sequence[str] = (), max_shard_size: int = 5 * 1024**3) -> Path:
+                files: Sequence[str] = (), max_shard_size: int = 5 * 1024**3, merge_lora: bool = False) -> Path:
     """Write an HF directory (safetensors shards, index, config.json, tokenizer files) from a dist checkpoint."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
@@ -411,6 +424,7 @@ def mcore_to_hf(ckpt_dir: str | Path, out: str | Path, *, recipe: str, overrides
             metadata = dist_checkpointing.load_tensors_metadata(str(step_dir))
         model_keys = {k: v for k, v in metadata.items()
                       if k.split(".")[0] in ("embedding", "decoder", "output_layer") and not k.endswith("_extra_state")}
+        lora = adapters_for_merge(model_keys, step_dir, c, merge_lora)  # LoRA/DoRA adapters: merged, or refused
         emb = model_keys.get("embedding.word_embeddings.weight")
         if emb is None:
             raise HFConvertError(f"{step_dir} has no embedding.word_embeddings.weight; is it a GPT checkpoint?")
@@ -424,18 +438,32 @@ def mcore_to_hf(ckpt_dir: str | Path, out: str | Path, *, recipe: str, overrides
         produced: set[str] = set()
 
         def emit(key: str) -> None:
-            """Load checkpoint tensor `key` whole (all layers/experts of one weight), emit its HF tensors."""
+            """Load checkpoint tensor `key` whole (all layers/experts of one weight), emit its HF tensors;
+            slices `X[i]` of a stacked HF tensor are collected and written as X once all are there."""
             meta = model_keys[key]
             whole = ShardedTensor.from_rank_offsets(key, torch.empty(tuple(meta.global_shape), dtype=meta.dtype),
                                                     replica_id=0)
             with _reading(step_dir):
                 tensor = dist_checkpointing.load({"t": whole}, str(step_dir))["t"]
+            tensor = lora.merge(key, tensor) if lora else tensor
             axes = _prepend_axes(key)
+            stacks: dict[str, dict[int, torch.Tensor]] = {}
             for prefix in itertools.product(*(range(n) for n in tensor.shape[:axes])):
                 part = tensor[prefix] if prefix else tensor
-                for name, t in mapping.to_hf(canonical_name(key, prefix), part).items():
-                    writer.add(name, t.to(dtype).clone())  # one dtype, as save_pretrained writes
+                for name, t in mapping.to_hf(mapping.canonical_name(key, prefix), part).items():
                     produced.add(name)
+                    base, index = stacked_name(name)
+                    if index is None:
+                        writer.add(name, t.to(dtype).clone())  # one dtype, as save_pretrained writes
+                        continue
+                    slices = stacks.setdefault(base, {})
+                    slices[index] = t.to(dtype)
+                    if len(slices) == (m.num_moe_experts or 0):
+                        writer.add(base, torch.stack([slices[i] for i in range(len(slices))]))
+                        del stacks[base]
+            for base, slices in stacks.items():
+                raise HFConvertError(f"{step_dir}: {key} gives {len(slices)} of the {m.num_moe_experts} expert slices "
+                                     f"of {base}; does the recipe describe this checkpoint?")
             del tensor
 
         keys = sorted(model_keys)
@@ -446,7 +474,7 @@ def mcore_to_hf(ckpt_dir: str | Path, out: str | Path, *, recipe: str, overrides
             emit(key)
             progress.update(done)
         hf_names = set()
-        for name in mapping.mcore_names(m.num_layers, m.num_moe_experts):
+        for name in mapping.mcore_names(m.num_layers, m.num_moe_experts, m):
             rule, idx = mapping.rule_for(name)
             hf_names.update(mapping.fill(h, idx) for h in rule.hf)
         missing = sorted(hf_names - produced)

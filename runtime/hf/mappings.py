@@ -1,10 +1,10 @@
-"""Per-architecture weight mappings between Hugging Face and Megatron-Core, as data.
+"""Weight mappings between Hugging Face and Megatron-Core, as data.
 
 A table is a tuple of `Rule(mcore, hf, transform)`: `mcore` is a Megatron parameter
 named as the local layer spec names it, `hf` the Hugging Face tensor(s) it is made of,
 with `{L}` (layer) and `{E}` (expert) placeholders, and `transform` one of the named,
-invertible transforms in `TRANSFORMS`. Adding an architecture is adding a table to
-`TABLES` (and a row to compiler/hf_import.ARCHITECTURES for its config.json).
+invertible transforms in `TRANSFORMS` (or the family's own). Each model family's table is
+`RuntimeFamily.weights` in runtime/families/<name>.py; this module only applies it.
 
 Megatron's *checkpoint* keys differ from its module names: layers are stacked along
 a prepended axis (`decoder.layers.self_attention.linear_qkv.weight`, shape
@@ -19,8 +19,9 @@ the TE spec, every TP/PP/EP layout, and checkpoints read without building a mode
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from recipec.compiler.errors import RecipeError
@@ -109,58 +110,13 @@ TRANSFORMS: dict[str, tuple[Callable[[Sequence[torch.Tensor], Shape], torch.Tens
     "gate_up": (_gate_up, _from_gate_up),
 }
 
-# ---------------------------------------------------------------- tables
 _L = "decoder.layers.{L}."
-_H = "model.layers.{L}."
-
-COMMON = (
-    Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab"),
-    Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
-    Rule("output_layer.weight", ("lm_head.weight",), "vocab"),  # absent when tied
-    Rule(_L + "input_layernorm.weight", (_H + "input_layernorm.weight",)),
-    Rule(_L + "self_attention.linear_qkv.weight",
-         (_H + "self_attn.q_proj.weight", _H + "self_attn.k_proj.weight", _H + "self_attn.v_proj.weight"), "qkv"),
-    Rule(_L + "self_attention.linear_proj.weight", (_H + "self_attn.o_proj.weight",)),
-    Rule(_L + "pre_mlp_layernorm.weight", (_H + "post_attention_layernorm.weight",)),
-)
-DENSE_MLP = (
-    Rule(_L + "mlp.linear_fc1.weight", (_H + "mlp.gate_proj.weight", _H + "mlp.up_proj.weight"), "gate_up"),
-    Rule(_L + "mlp.linear_fc2.weight", (_H + "mlp.down_proj.weight",)),
-)
-QKV_BIAS = (
-    Rule(_L + "self_attention.linear_qkv.bias",
-         (_H + "self_attn.q_proj.bias", _H + "self_attn.k_proj.bias", _H + "self_attn.v_proj.bias"), "qkv"),
-)
-QK_NORM = (
-    Rule(_L + "self_attention.q_layernorm.weight", (_H + "self_attn.q_norm.weight",)),
-    Rule(_L + "self_attention.k_layernorm.weight", (_H + "self_attn.k_norm.weight",)),
-)
 _X = _L + "mlp.experts.local_experts.{E}."
-MIXTRAL_MOE = (
-    Rule(_L + "mlp.router.weight", (_H + "block_sparse_moe.gate.weight",)),
-    Rule(_X + "linear_fc1.weight", (_H + "block_sparse_moe.experts.{E}.w1.weight",
-                                    _H + "block_sparse_moe.experts.{E}.w3.weight"), "gate_up"),
-    Rule(_X + "linear_fc2.weight", (_H + "block_sparse_moe.experts.{E}.w2.weight",)),
-)
-QWEN_MOE = (
-    Rule(_L + "mlp.router.weight", (_H + "mlp.gate.weight",)),
-    Rule(_X + "linear_fc1.weight", (_H + "mlp.experts.{E}.gate_proj.weight",
-                                    _H + "mlp.experts.{E}.up_proj.weight"), "gate_up"),
-    Rule(_X + "linear_fc2.weight", (_H + "mlp.experts.{E}.down_proj.weight",)),
-)
-
-TABLES: dict[str, tuple[Rule, ...]] = {
-    "llama": COMMON + DENSE_MLP,
-    "mistral": COMMON + DENSE_MLP,
-    "qwen2": COMMON + QKV_BIAS + DENSE_MLP,
-    "qwen3": COMMON + QK_NORM + DENSE_MLP,
-    "mixtral": COMMON + MIXTRAL_MOE,
-    "qwen3_moe": COMMON + QK_NORM + QWEN_MOE,
-}
 
 # Checkpoint keys (layer/expert axes prepended) whose module name is not the key with
 # `{L}.` (and `{E}.`) put back: the local spec saves its norms under TE's fused names,
-# SequentialMLP saves its experts as `experts.experts`.
+# SequentialMLP saves its experts as `experts.experts`. A family adds its own
+# (RuntimeFamily.checkpoint_aliases).
 CHECKPOINT_ALIASES: dict[str, str] = {
     "decoder.layers.self_attention.linear_qkv.layer_norm_weight": _L + "input_layernorm.weight",
     "decoder.layers.mlp.linear_fc1.layer_norm_weight": _L + "pre_mlp_layernorm.weight",
@@ -169,9 +125,19 @@ CHECKPOINT_ALIASES: dict[str, str] = {
 }
 
 
-def canonical_name(key: str, prefix: Sequence[int]) -> str:
-    """Module name (local spec) of checkpoint `key` at prepended offsets `prefix` (layer, expert)."""
-    template = CHECKPOINT_ALIASES.get(key)
+_PER_LAYER_KEY = re.compile(r"decoder\.layers\.(\d+)\.(.+)$")
+
+
+def canonical_name(key: str, prefix: Sequence[int], aliases: Mapping[str, str] | None = None) -> str:
+    """Module name (local spec) of checkpoint `key` at prepended offsets `prefix` (layer, expert);
+    `aliases` are a family's extra checkpoint-key -> module-name templates.
+
+    Layers that are not all alike (Megatron's moe_layer_freq list: DeepSeek's dense leading layers)
+    are saved per layer, `decoder.layers.<n>.<rest>` with no layer axis: <n> is the layer offset."""
+    per_layer = _PER_LAYER_KEY.match(key)
+    if per_layer:
+        key, prefix = "decoder.layers." + per_layer[2], (int(per_layer[1]), *prefix)
+    template = (aliases or {}).get(key) or CHECKPOINT_ALIASES.get(key)
     if template is None:
         if key.startswith("decoder.layers."):
             template = _L + key[len("decoder.layers."):]
@@ -185,6 +151,18 @@ def canonical_name(key: str, prefix: Sequence[int]) -> str:
     return template.replace("{L}", str(layer)).replace("{E}", str(expert))
 
 
+# An HF name `X[i]` in a table is slice i (dim 0) of the stacked HF tensor X: models such as GPT-OSS
+# keep all experts of a layer in one tensor. The reader slices it (HFReader.get); the exporter stacks
+# the slices back (runtime/hf/convert.py).
+_STACKED = re.compile(r"^(?P<name>.+)\[(?P<index>\d+)\]$")
+
+
+def stacked_name(hf_name: str) -> tuple[str, int | None]:
+    """("X", i) for an HF name "X[i]" (slice i of the stacked tensor X), else (hf_name, None)."""
+    match = _STACKED.match(hf_name)
+    return (match["name"], int(match["index"])) if match else (hf_name, None)
+
+
 def _pattern(template: str) -> re.Pattern[str]:
     return re.compile(re.escape(template).replace(r"\{L\}", r"(?P<L>\d+)").replace(r"\{E\}", r"(?P<E>\d+)") + "$")
 
@@ -193,12 +171,22 @@ class ArchMapping:
     """One architecture's table bound to a model shape."""
 
     def __init__(self, architecture: str, shape: Shape) -> None:
-        if architecture not in TABLES:
-            raise MappingError(f"no weight mapping for architecture {architecture!r}; known: {sorted(TABLES)}")
+        from recipec.runtime import families
+
+        family = families.get(architecture)
+        if not family.weights:
+            known = sorted(f.name for f in families.all_families() if f.weights)
+            raise MappingError(f"no weight mapping for architecture {architecture!r}; known: {known}")
         self.architecture = architecture
         self.shape = shape
-        self.rules = tuple(r for r in TABLES[architecture] if not (shape.tied and r.mcore == "output_layer.weight"))
+        self.transforms = {**TRANSFORMS, **family.transforms}
+        self.aliases = dict(family.checkpoint_aliases)
+        self.rules = tuple(r for r in family.weights if not (shape.tied and r.mcore == "output_layer.weight"))
         self._compiled = [(_pattern(r.mcore), r) for r in self.rules]
+
+    def canonical_name(self, key: str, prefix: Sequence[int]) -> str:
+        """`canonical_name` with this family's checkpoint aliases."""
+        return canonical_name(key, prefix, self.aliases)
 
     def rule_for(self, name: str) -> tuple[Rule, dict[str, str]]:
         if self.shape.tied and name == "output_layer.weight":
@@ -222,7 +210,7 @@ class ArchMapping:
         names = [self.fill(h, idx) for h in rule.hf]
         tensors = [get(h) for h in names]
         try:
-            return TRANSFORMS[rule.transform][0](tensors, self.shape)
+            return self.transforms[rule.transform][0](tensors, self.shape)
         except (ValueError, RuntimeError) as exc:  # a reshape of weights that do not fit the model
             shapes = ", ".join(f"{h} {tuple(t.shape)}" for h, t in zip(names, tensors))
             raise MappingError(f"Hugging Face weights {shapes} do not fit {name} of the recipe's {self.architecture} "
@@ -233,23 +221,45 @@ class ArchMapping:
         """HF tensors made from the full Megatron tensor `name`."""
         rule, idx = self.rule_for(name)
         try:
-            outs = TRANSFORMS[rule.transform][1](tensor, self.shape)
+            outs = self.transforms[rule.transform][1](tensor, self.shape)
         except (ValueError, RuntimeError) as exc:
             raise MappingError(f"checkpoint tensor {name} {tuple(tensor.shape)} does not fit the recipe's "
                                f"{self.architecture} model: {exc}; does --recipe describe this checkpoint?") from None
         return {self.fill(h, idx): t for h, t in zip(rule.hf, outs)}
 
-    def mcore_names(self, num_layers: int, num_experts: int | None) -> list[str]:
-        """Every Megatron tensor of the model, in HF-friendly order (layer by layer)."""
+    def mcore_names(self, num_layers: int, num_experts: int | None, model: Any = None) -> list[str]:
+        """Every Megatron tensor of the model, in HF-friendly order (layer by layer); with the [model]
+        section, only those its layers have (`layer_has`: dense vs MoE layers, MLA's q projections)."""
         names: list[str] = []
         for rule in self.rules:
             if "{L}" not in rule.mcore:
                 names.append(rule.mcore)
         for layer in range(num_layers):
             for rule in self.rules:
-                if "{L}" not in rule.mcore:
+                if "{L}" not in rule.mcore or (model is not None and not layer_has(model, layer, rule.mcore)):
                     continue
                 experts = range(num_experts or 0) if "{E}" in rule.mcore else [None]
                 for e in experts:
                     names.append(self.fill(rule.mcore, {"L": str(layer)} | ({"E": str(e)} if e is not None else {})))
         return names
+
+
+def layer_has(model: Any, layer: int, template: str) -> bool:
+    """Whether decoder layer `layer` of a derived [model] section has the Megatron tensor `template`
+    (a table's module name): the first `moe_first_k_dense` layers of an MoE model have a dense MLP
+    and no router or experts, the rest the reverse; the router's expert bias exists only with
+    moe_router_enable_expert_bias; multi-head latent attention projects q through a latent
+    (q_lora_rank: down/up projections and q_layernorm) or at full rank (linear_q_proj)."""
+    moe = model.is_moe and layer >= model.moe_first_k_dense
+    part = template.split("}.", 1)[-1]  # after "decoder.layers.{L}."
+    if part.startswith(("mlp.router.", "mlp.experts.", "mlp.shared_experts.")):
+        return moe and (not part.endswith("expert_bias") or model.moe_router_enable_expert_bias)
+    if part.startswith("mlp.linear_fc"):
+        return not moe
+    if model.multi_latent_attention:
+        if part.startswith("self_attention.linear_q_proj."):
+            return model.q_lora_rank is None
+        if part.startswith(("self_attention.linear_q_down_proj.", "self_attention.linear_q_up_proj.",
+                            "self_attention.q_layernorm.")):
+            return model.q_lora_rank is not None
+    return True

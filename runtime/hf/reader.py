@@ -53,11 +53,25 @@ class HFReader:
         self.weight_map: dict[str, str] = weight_map
 
     def get(self, name: str) -> torch.Tensor:
+        """Tensor `name`; `X[i]` (runtime/hf/mappings.stacked_name) reads only slice i of tensor X."""
+        from .mappings import stacked_name
+
+        name, index = stacked_name(name)
         file = self.weight_map.get(name)
         if file is None:
             raise HFConvertError(f"{self.directory}: tensor {name!r} is missing from the safetensors files")
         try:
-            tensor = self._handles[file].get_tensor(name)
+            if index is None:
+                tensor = self._handles[file].get_tensor(name)
+            else:
+                part = self._handles[file].get_slice(name)
+                rows = part.get_shape()[0] if part.get_shape() else 0
+                if index >= rows:
+                    raise HFConvertError(f"{self.directory / file}: tensor {name!r} stacks {rows} entries along "
+                                         f"its first dim, the recipe needs entry {index} (model.num_moe_experts?)")
+                tensor = part[index]
+        except HFConvertError:
+            raise
         except Exception as exc:  # noqa: BLE001 - SafetensorError and the like: the file's fault
             raise HFConvertError(f"{self.directory / file}: tensor {name!r} cannot be read ({exc}); the file is "
                                  "damaged or truncated: download or export it again") from None
