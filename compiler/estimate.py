@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import attrs
 
+from .modes import extra_models
 from .schema import ModelConfig, RecipeConfig
 
 GIB = 1024**3
@@ -24,10 +25,20 @@ class ParamCount:
     per_layer_dense: int  # attention + norms + dense MLP or router/shared expert
     per_layer_experts: int  # routed experts of one MoE layer
     final_norm: int
+    first_dense: int = 0  # leading layers of an MoE model with a dense MLP instead (moe_first_k_dense)
+    dense_layer: int = 0  # parameters of one such layer (attention + norms + dense MLP)
+    mtp_dense: int = 0  # multi-token prediction: projections, norms and its layers' non-expert part
+    mtp_experts: int = 0  # the MTP layers' routed experts
 
     @property
     def per_layer(self) -> int:
         return self.per_layer_dense + self.per_layer_experts
+
+    def layers(self, start: int, stop: int) -> tuple[int, int]:
+        """(non-expert, routed-expert) parameters of decoder layers [start, stop)."""
+        dense = max(0, min(stop, self.first_dense) - max(start, 0))
+        moe = stop - start - dense
+        return dense * self.dense_layer + moe * self.per_layer_dense, moe * self.per_layer_experts
 
 
 def count_params(model: ModelConfig, vocab: int) -> ParamCount:
@@ -43,6 +54,8 @@ def count_params(model: ModelConfig, vocab: int) -> ParamCount:
         attention += qkv_out
     if model.qk_layernorm:
         attention += 2 * (kv if model.normalization == "RMSNorm" else 2 * kv)
+    if model.multi_latent_attention:
+        attention = _mla_params(model)
 
     def mlp(ffn: int) -> int:
         up = (2 if model.gated_linear_unit else 1) * h * ffn
@@ -50,48 +63,86 @@ def count_params(model: ModelConfig, vocab: int) -> ParamCount:
         return up + ffn * h + bias
 
     experts = 0
+    first_dense = dense_layer = 0
     if model.is_moe:
         assert model.num_moe_experts is not None and model.moe_ffn_hidden_size is not None
         dense = h * model.num_moe_experts  # router
         if model.moe_shared_expert_intermediate_size:
             dense += mlp(model.moe_shared_expert_intermediate_size)
         experts = model.num_moe_experts * mlp(model.moe_ffn_hidden_size)
+        first_dense = min(model.moe_first_k_dense, model.num_layers)
+        dense_layer = attention + 2 * norm + mlp(model.ffn_hidden_size)
     else:
         dense = mlp(model.ffn_hidden_size)
     embedding = vocab * h
     if model.position_embedding_type == "learned_absolute":
         embedding += (model.max_position_embeddings or model.seq_length) * h
     output = 0 if model.share_embeddings_and_output_weights else vocab * h
-    return ParamCount(embedding, output, attention + 2 * norm + dense, experts, norm)
+    per_layer_dense = attention + 2 * norm + dense
+    # Multi-token prediction (Megatron's MultiTokenPredictionLayer): enorm, hnorm, eh_proj (2h -> h),
+    # one decoder layer like the last one, a final norm; it shares the embedding and output layer.
+    mtp = model.mtp_num_layers or 0
+    return ParamCount(embedding, output, per_layer_dense, experts, norm, first_dense, dense_layer,
+                      mtp * (3 * norm + 2 * h * h + per_layer_dense), mtp * experts)
 
 
 def total_params(model: ModelConfig, vocab: int) -> int:
     c = count_params(model, vocab)
-    return c.embedding + c.output + model.num_layers * c.per_layer + c.final_norm
+    dense, experts = c.layers(0, model.num_layers)
+    return c.embedding + c.output + dense + experts + c.final_norm + c.mtp_dense + c.mtp_experts
 
 
 def active_params(model: ModelConfig, vocab: int) -> int:
     """Parameters a token passes through (routed experts counted top-k times)."""
     c = count_params(model, vocab)
-    per_layer = c.per_layer_dense
+    dense, experts = c.layers(0, model.num_layers)
+    experts += c.mtp_experts
     if model.is_moe:
         assert model.num_moe_experts is not None
-        per_layer += c.per_layer_experts * model.moe_router_topk // model.num_moe_experts
-    return c.embedding + c.output + model.num_layers * per_layer + c.final_norm
+        experts = experts * model.moe_router_topk // model.num_moe_experts
+    return c.embedding + c.output + dense + experts + c.final_norm + c.mtp_dense
+
+
+def _mla_params(model: ModelConfig) -> int:
+    """Multi-head latent attention (Megatron's MLASelfAttention): q through a q_lora_rank latent (or one
+    full projection), k/v through a shared kv_lora_rank latent plus a RoPE key, a norm on each latent
+    (RMSNorm: one weight each), and the output projection."""
+    h, heads = model.hidden_size, model.num_attention_heads
+    q_head = model.qk_head_dim + model.qk_pos_emb_head_dim
+    latent_norm = 1 if model.normalization == "RMSNorm" else 2
+    if model.q_lora_rank is None:
+        q = h * heads * q_head
+    else:
+        q = h * model.q_lora_rank + model.q_lora_rank * latent_norm + model.q_lora_rank * heads * q_head
+    kv = (h * (model.kv_lora_rank + model.qk_pos_emb_head_dim) + model.kv_lora_rank * latent_norm
+          + model.kv_lora_rank * heads * (model.qk_head_dim + model.v_head_dim))
+    out = heads * model.v_head_dim * h + (h if model.add_bias_linear else 0)
+    return q + kv + out
 
 
 def flops_per_step(config: RecipeConfig, vocab: int) -> int:
-    """Model FLOPs of one optimizer step (forward + backward), Megatron-LM's formula:
+    """Model FLOPs of one optimizer step (forward + backward), Megatron-LM's formula, plus the
+    forward passes of the frozen models the training mode adds (compiler/modes: a third of
+    their forward + backward each)."""
+    b = config.train.global_batch_size
+    total = model_flops(config.model, b, vocab)
+    for extra in extra_models(config):
+        total += int(model_flops(extra.model, b, vocab) * extra.forwards_per_sequence / 3)
+    return total
+
+
+def model_flops(m: ModelConfig, b: int, vocab: int) -> int:
+    """Forward + backward FLOPs of `b` sequences through one model, Megatron-LM's formula:
 
     12 * B * s * L * h^2 * ( (1 + g/a + s/h) * (a*d/h)          attention
                              + (f/h) * k * glu                   MLP (k experts routed to)
                              + (f_shared/h) * glu                shared experts
                              + V / (2 * L * h) )                 logits
-    with glu = 3/2 for gated MLPs, else 1.
+    with glu = 3/2 for gated MLPs, else 1. Multi-head latent attention, dense leading layers of an
+    MoE model and multi-token prediction: `_latent_moe_flops`.
     """
-    m = config.model
     assert m.kv_channels is not None and m.num_query_groups is not None and m.ffn_hidden_size is not None
-    b, s, layers, h = config.train.global_batch_size, m.seq_length, m.num_layers, m.hidden_size
+    s, layers, h = m.seq_length, m.num_layers, m.hidden_size
     glu = 1.5 if m.gated_linear_unit else 1.0
     query_ratio = m.kv_channels * m.num_attention_heads / h
     attention = (1 + m.num_query_groups / m.num_attention_heads + s / h) * query_ratio
@@ -101,7 +152,44 @@ def flops_per_step(config: RecipeConfig, vocab: int) -> int:
     mlp = ffn / h * routed * glu
     shared = (m.moe_shared_expert_intermediate_size or 0) / h * glu
     logits = vocab / (2 * layers * h)
+    if m.multi_latent_attention or (m.is_moe and m.moe_first_k_dense) or m.mtp_num_layers:
+        return _latent_moe_flops(m, b, vocab)
     return int(12 * b * s * layers * h * h * (attention + mlp + shared + logits))
+
+
+def _latent_moe_flops(m: ModelConfig, b: int, vocab: int) -> int:
+    """Megatron-LM's formula for DeepSeek-style models (matmul FLOPs, forward + backward, full s x s
+    attention as above), per token:
+
+      (L + mtp) * attention                        MLA: 6 * (q + kv + o projections) + 6 * s * a * (dq + dv)
+    + k * 6 * h * f * (2 glu)                      the dense leading layers (moe_first_k_dense)
+    + (L - k + mtp) * 6 * h * (f_e * topk + f_shared) * (2 glu)    the MoE layers, MTP's included
+    + mtp * 6 * 2h * h                             MTP's eh_proj
+    + (1 + mtp) * 6 * h * V                        logits of the model and of each MTP depth
+    (the router, norms and RoPE are not matmuls of this size and are left out, as Megatron does).
+    """
+    assert m.kv_channels is not None and m.num_query_groups is not None and m.ffn_hidden_size is not None
+    s, layers, h, heads = m.seq_length, m.num_layers, m.hidden_size, m.num_attention_heads
+    mtp = m.mtp_num_layers or 0
+    up = 3 if m.gated_linear_unit else 2  # matmuls per MLP width (gate, up, down)
+    if m.multi_latent_attention:
+        q_head = m.qk_head_dim + m.qk_pos_emb_head_dim
+        q = h * heads * q_head if m.q_lora_rank is None else m.q_lora_rank * (h + heads * q_head)
+        kv = h * (m.kv_lora_rank + m.qk_pos_emb_head_dim) + m.kv_lora_rank * heads * (m.qk_head_dim + m.v_head_dim)
+        attention = 6 * (q + kv + heads * m.v_head_dim * h) + 6 * s * heads * (q_head + m.v_head_dim)
+    else:
+        kv_ch, groups = m.kv_channels, m.num_query_groups
+        attention = 6 * h * kv_ch * (2 * heads + 2 * groups) + 12 * s * heads * kv_ch
+    dense_layers, moe_layers = layers + mtp, 0
+    moe_width = 0
+    if m.is_moe:
+        assert m.moe_ffn_hidden_size is not None
+        dense_layers = min(m.moe_first_k_dense, layers)
+        moe_layers = layers - dense_layers + mtp
+        moe_width = m.moe_ffn_hidden_size * m.moe_router_topk + (m.moe_shared_expert_intermediate_size or 0)
+    per_token = ((layers + mtp) * attention + dense_layers * 6 * up * h * m.ffn_hidden_size
+                 + moe_layers * 6 * up * h * moe_width + mtp * 12 * h * h + (1 + mtp) * 6 * h * vocab)
+    return int(b * s * per_token)
 
 
 # Peak memory FP8 adds over bf16, per weight of the Transformer Engine linears: TE keeps FP8
@@ -121,10 +209,12 @@ class MemoryEstimate:
     activations: int
     overhead: int
     fp8: int = 0
+    extra_models: int = 0  # frozen models of the training mode (weights only; compiler/modes)
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.overhead + self.fp8
+        return (self.weights + self.gradients + self.optimizer + self.activations + self.overhead + self.fp8
+                + self.extra_models)
 
     def as_gib(self) -> dict[str, float]:
         fields = attrs.asdict(self)
@@ -137,13 +227,20 @@ def stage_params(config: RecipeConfig, vocab: int) -> list[int]:
     m, p = config.model, config.parallel
     c = count_params(m, vocab)
     pp = p.pipeline_model_parallel_size
-    layers_per_stage = m.num_layers // pp
-    stages = [layers_per_stage * c.per_layer for _ in range(pp)]
-    stages[0] += c.embedding
-    stages[-1] += c.output + c.final_norm
+    return [dense + experts for dense, experts in _stage_parts(c, m.num_layers, pp)]
+
+
+def _stage_parts(c: ParamCount, num_layers: int, pp: int) -> list[tuple[int, int]]:
+    """(non-expert, routed-expert) parameters of each pipeline stage: its layers (dense leading layers
+    on the first), the embedding on the first, the output layer, final norm and MTP block on the last."""
+    per = num_layers // pp
+    stages = [list(c.layers(i * per, (i + 1) * per)) for i in range(pp)]
+    stages[0][0] += c.embedding
+    stages[-1][0] += c.output + c.final_norm + c.mtp_dense
+    stages[-1][1] += c.mtp_experts
     if pp > 1 and c.output == 0:
-        stages[-1] += c.embedding  # tied embeddings are duplicated on the last stage
-    return stages
+        stages[-1][0] += c.embedding  # tied embeddings are duplicated on the last stage
+    return [(dense, experts) for dense, experts in stages]
 
 
 def estimate_memory(config: RecipeConfig, vocab: int, data_parallel: int, microbatches: int) -> MemoryEstimate:
@@ -151,11 +248,14 @@ def estimate_memory(config: RecipeConfig, vocab: int, data_parallel: int, microb
     tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
     ep, etp = p.expert_model_parallel_size, p.expert_tensor_parallel_size or tp
     c = count_params(m, vocab)
-    layers = m.num_layers // pp
-    # The first stage holds the input embedding, the last the output layer; with PP=1 one GPU holds both.
-    ends = c.embedding + c.output + c.final_norm if pp == 1 else max(c.embedding, c.output + c.final_norm)
-    dense = (layers * c.per_layer_dense + ends) / tp
-    experts = layers * c.per_layer_experts / (ep * etp)
+    # Weights and their states on the stage holding the most (the first holds the input embedding and
+    # any dense leading layers, the last the output layer and MTP; with PP=1 one GPU holds all).
+    parts = _stage_parts(c, m.num_layers, pp)
+    busiest = max(range(pp), key=lambda i: parts[i][0] / tp + parts[i][1] / (ep * etp))
+    dense = parts[busiest][0] / tp
+    experts = parts[busiest][1] / (ep * etp)
+    per = m.num_layers // pp
+    layer_dense = c.layers(busiest * per, (busiest + 1) * per)[0]  # what FP8 keeps copies of
     share = 1.0 if config.peft.method is None else 0.01
     grad_bytes = 4 if prec.grad_reduce_in_fp32 or prec.dtype == "fp32" else 2
     state_bytes = (0 if prec.dtype == "fp32" else 4) + (8 if config.optimizer.optimizer == "adam" else 4)
@@ -169,8 +269,12 @@ def estimate_memory(config: RecipeConfig, vocab: int, data_parallel: int, microb
     activations = _activation_bytes(config, vocab, microbatches)
     # CUDA context, NCCL buffers and allocator slack (an assumption until checked on the GPU).
     overhead = int(2 * GIB) if config.launch.accelerator != "cpu" else 0
-    fp8 = (layers * c.per_layer_dense / tp + experts) * FP8_BYTES_PER_LINEAR_WEIGHT if prec.fp8 else 0
-    return MemoryEstimate(int(weights), int(gradients), int(optimizer_bytes), int(activations), overhead, int(fp8))
+    fp8 = (layer_dense / tp + experts) * FP8_BYTES_PER_LINEAR_WEIGHT if prec.fp8 else 0
+    # A frozen model of the mode is laid out like the trained one (same TP/PP/EP) and holds weights only.
+    frozen = sum(max(stage_params(attrs.evolve(config, model=e.model), vocab)) / tp * prec.param_bytes
+                 for e in extra_models(config))
+    return MemoryEstimate(int(weights), int(gradients), int(optimizer_bytes), int(activations), overhead, int(fp8),
+                          int(frozen))
 
 
 def _activation_bytes(config: RecipeConfig, vocab: int, microbatches: int) -> float:
@@ -181,14 +285,20 @@ def _activation_bytes(config: RecipeConfig, vocab: int, microbatches: int) -> fl
     s, b, h = m.seq_length / cp, config.train.micro_batch_size, m.hidden_size
     unit = 2 if config.precision.dtype != "fp32" else 4
     qkv = m.kv_channels * (m.num_attention_heads + 2 * m.num_query_groups)
+    if m.multi_latent_attention:  # the q/kv latents, then q and k of (nope + rope) and v per head
+        q_head = m.qk_head_dim + m.qk_pos_emb_head_dim
+        qkv = (m.q_lora_rank or 0) + m.kv_lora_rank + m.qk_pos_emb_head_dim + m.num_attention_heads * (
+            2 * q_head + m.v_head_dim)
     ffn = m.moe_ffn_hidden_size * m.moe_router_topk if m.is_moe and m.moe_ffn_hidden_size else m.ffn_hidden_size
+    if m.is_moe:
+        ffn += m.moe_shared_expert_intermediate_size or 0
     # Tensor-parallel parts: QKV out, attention out (flash: O + softmax stats), fc1 out, act out.
     tp_part = s * b * (qkv + h + ffn * (2 if m.gated_linear_unit else 1) + ffn) * unit
     # Replicated unless sequence parallel: two norm inputs, QKV and fc1 inputs, proj and fc2 in/out.
     rep_part = s * b * h * 6 * unit
     sp = tp if p.sequence_parallel else 1
     per_layer = tp_part / tp + rep_part / sp
-    layers = m.num_layers // pp
+    layers = m.num_layers // pp + ((m.mtp_num_layers or 0) if pp == 1 else 0)  # MTP runs on the last stage
     if m.recompute_granularity == "full":
         stored = layers * s * b * h * unit / sp + per_layer
     else:

@@ -85,6 +85,14 @@ def test_every_family_and_variant_is_present() -> None:
 # total_params(model, model.vocab_size) (unpadded); plan.params_total (Megatron's padded
 # vocabulary) is checked within 1% too.
 PUBLISHED: dict[str, tuple[float, str]] = {
+    "deepseek_v3": (671e9, "DeepSeek-V3: 671B total (main model; HF's 685B adds the 14B MTP module), model card"),
+    "deepseek_v2_lite": (15.7e9, "DeepSeek-V2-Lite: 15.7B total, model card"),
+    "gemma3_1b": (1_000e6, "Gemma 3 Technical Report Table 1: 302M embedding + 698M non-embedding"),
+    "gemma3_4b": (3_884e6, "Gemma 3 Technical Report Table 1: 675M + 3,209M (text; 417M vision encoder excluded)"),
+    "gemma3_12b": (11_771e6, "Gemma 3 Technical Report Table 1: 1,012M + 10,759M (text only)"),
+    "gemma3_27b": (27_016e6, "Gemma 3 Technical Report Table 1: 1,416M + 25,600M (text only)"),
+    "gpt_oss_20b": (20.91e9, "gpt-oss-20b: 20.91B total, OpenAI gpt-oss model card Table 1"),
+    "gpt_oss_120b": (116.83e9, "gpt-oss-120b: 116.83B total, OpenAI gpt-oss model card Table 1"),
     "llama2_7b": (6_738_415_616, "Llama-2-7b-hf: 6,738,415,616, HF safetensors (6.74B)"),
     "llama2_13b": (13_015_864_320, "Llama-2-13b-hf: 13,015,864,320, HF safetensors (13.0B)"),
     "llama2_70b": (68_976_648_192, "Llama-2-70b-hf: 68,976,648,192, HF safetensors (69.0B)"),
@@ -118,12 +126,17 @@ PUBLISHED: dict[str, tuple[float, str]] = {
 PUBLISHED_NON_EMBEDDING = {"qwen3_1p7b": (1.4e9, "Qwen3-1.7B: 1.4B non-embedding, HF model card")}
 # Active parameters of the MoE models (routed experts counted top-k times).
 PUBLISHED_ACTIVE: dict[str, tuple[float, float, str]] = {
+    "deepseek_v3": (37e9, 0.02, "DeepSeek-V3: 37B activated, model card (ours 37.56B)"),
+    "deepseek_v2_lite": (2.4e9 + 102400 * 2048, 0.025, "DeepSeek-V2-Lite: 2.4B activated, without the input embedding"),
     "mixtral_8x7b": (12.9e9, 0.01, "Mixtral-8x7B: 12.9B active, Mistral AI post"),
     "mixtral_8x22b": (39e9, 0.01, "Mixtral-8x22B: 39B active, Mistral AI post"),
     "qwen3_235b_a22b": (22e9, 0.01, "Qwen3-235B-A22B: 22B activated, HF model card"),
     # The card's "3.3B activated" is our 3.353B cut to one decimal (attention 18.9M + 8 of
     # 128 experts x 4.72M per layer, x 48, + 2 x 311M embeddings): 1.6% apart, hence 2%.
     "qwen3_30b_a3b": (3.3e9, 0.02, "Qwen3-30B-A3B: 3.3B activated, HF model card"),
+    # The gpt-oss card's active counts leave out the 201088 x 2880 embedding table (0.58B) we count.
+    "gpt_oss_20b": (3.61e9 + 201088 * 2880, 0.01, "gpt-oss-20b: 3.61B active + embedding, OpenAI model card"),
+    "gpt_oss_120b": (5.13e9 + 201088 * 2880, 0.01, "gpt-oss-120b: 5.13B active + embedding, OpenAI model card"),
 }
 EXACT = {k for k, (v, _) in PUBLISHED.items() if v >= 1e9 and v % 1_000_000 != 0}
 MODEL_RECIPES = sorted({m for m in map(model_file, NAMES) if m})

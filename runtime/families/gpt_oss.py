@@ -1,0 +1,145 @@
+"""GPT-OSS at run time: its HF weight table, YaRN's truncate switch, and a training fix for biased experts.
+
+Hugging Face (transformers GptOssForCausalLM) -> Megatron-Core local-spec module names:
+- q/k/v/o weights *and biases* (fused qkv, the shared "qkv" transform);
+- `self_attn.sinks` [heads] -> `core_attention.softmax_offset` (Megatron's learnable softmax offset:
+  the same extra logit per head, joined to every softmax row and dropped after it);
+- `mlp.router.{weight,bias}` -> `mlp.router.{weight,bias}` (Megatron's router has a bias under
+  add_bias_linear);
+- the experts are *stacked* in HF, one tensor per layer for all experts:
+  `gate_up_proj` [E, hidden, 2*I] with gate/up in alternating columns (gate = [..., ::2],
+  up = [..., 1::2]) and `gate_up_proj_bias` [E, 2*I] alike; `down_proj` [E, I, hidden] (x @ W, so
+  transposed against a Linear) and `down_proj_bias` [E, hidden]. Megatron keeps one MLP per expert
+  with linear_fc1 = [gate rows; up rows] [2*I, hidden] and linear_fc2 [hidden, I].
+  An HF name `X[{E}]` in the table means "expert E's slice (dim 0) of the stacked tensor X": the
+  HF reader reads only that slice and `convert mcore-to-hf` stacks the slices back into X
+  (runtime/hf/mappings.stacked_name); the transforms below turn one expert's slice into its
+  Megatron tensor and back.
+
+The activation, clamp, glu offset, window, sinks and YaRN are generic [model] fields that
+runtime/model.py maps (on the local path, layers with a window or sinks use Megatron's own
+DotProductAttention); only YaRN's `truncate` (rope_yarn_truncate -> Megatron's
+yarn_correction_range_round_to_int) and unfused RoPE are set here, through `config_kwargs`. The
+layer-spec hook swaps the local experts' linear_fc2 for one that survives Megatron's in-place bias
+add in training (`_ExpertRowParallelLinear`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from megatron.core.tensor_parallel import RowParallelLinear
+
+from ..hf.mappings import Shape
+from ._decoder import COMMON, QKV_BIAS, H, L, X
+from .base import Rule, RuntimeFamily
+
+HX = H + "mlp.experts."
+
+
+def _to_fc1(ts: Sequence[torch.Tensor], s: Shape) -> torch.Tensor:
+    """One expert's HF gate_up_proj [hidden, 2I] (or its bias [2I]), gate/up interleaved by column
+    -> Megatron's linear_fc1 [2I, hidden] (bias [2I]): all gate rows, then all up rows."""
+    (t,) = ts
+    if t.dim() not in (1, 2) or t.shape[-1] % 2:
+        raise ValueError(f"gate_up_proj (one expert) has shape {tuple(t.shape)}, expected [hidden, 2I] or [2I]")
+    if t.dim() == 2:
+        t = t.t()
+    return torch.cat([t[0::2], t[1::2]]).contiguous()
+
+
+def _from_fc1(t: torch.Tensor, s: Shape) -> list[torch.Tensor]:
+    if t.dim() not in (1, 2) or t.shape[0] % 2:
+        raise ValueError(f"linear_fc1 has shape {tuple(t.shape)}, expected an even number of rows")
+    gate, up = torch.chunk(t, 2, dim=0)
+    out = torch.stack([gate, up], dim=1).reshape(t.shape)  # rows gate0, up0, gate1, up1, ...
+    return [(out.t() if t.dim() == 2 else out).contiguous()]
+
+
+def _to_fc2(ts: Sequence[torch.Tensor], s: Shape) -> torch.Tensor:
+    """One expert's HF down_proj [I, hidden] (x @ W) -> Megatron's linear_fc2 [hidden, I]."""
+    (t,) = ts
+    if t.dim() != 2:
+        raise ValueError(f"down_proj (one expert) has shape {tuple(t.shape)}, expected [I, hidden]")
+    return t.t().contiguous()
+
+
+def _from_fc2(t: torch.Tensor, s: Shape) -> list[torch.Tensor]:
+    if t.dim() != 2:
+        raise ValueError(f"linear_fc2 has shape {tuple(t.shape)}, expected [hidden, I]")
+    return [t.t().contiguous()]
+
+
+TRANSFORMS = {"gpt_oss_fc1": (_to_fc1, _from_fc1), "gpt_oss_fc2": (_to_fc2, _from_fc2)}
+
+WEIGHTS = COMMON + QKV_BIAS + (
+    Rule(L + "self_attention.linear_proj.bias", (H + "self_attn.o_proj.bias",)),
+    Rule(L + "self_attention.core_attention.softmax_offset", (H + "self_attn.sinks",)),
+    Rule(L + "mlp.router.weight", (H + "mlp.router.weight",)),
+    Rule(L + "mlp.router.bias", (H + "mlp.router.bias",)),
+    Rule(X + "linear_fc1.weight", (HX + "gate_up_proj[{E}]",), "gpt_oss_fc1"),
+    Rule(X + "linear_fc1.bias", (HX + "gate_up_proj_bias[{E}]",), "gpt_oss_fc1"),
+    Rule(X + "linear_fc2.weight", (HX + "down_proj[{E}]",), "gpt_oss_fc2"),
+    Rule(X + "linear_fc2.bias", (HX + "down_proj_bias[{E}]",)),
+)
+# SequentialMLP saves its expert biases as `experts.experts.*.bias`, like the weights.
+ALIASES = {
+    "decoder.layers.mlp.experts.experts.linear_fc1.bias": X + "linear_fc1.bias",
+    "decoder.layers.mlp.experts.experts.linear_fc2.bias": X + "linear_fc2.bias",
+}
+
+
+def _config_kwargs(model: Any) -> dict[str, Any]:
+    """YaRN's truncation switch (HF rope_parameters.truncate; False for gpt-oss), as the config
+    attribute GPTModel's YarnRotaryEmbedding reads, and unfused RoPE (below)."""
+    if model.rope_scaling != "yarn":
+        return {}
+    # YaRN's attention factor (0.1 ln 32 + 1 = 1.35 for gpt-oss) scales cos/sin, which TE's fused RoPE
+    # cannot: Megatron 0.16 falls back to the unfused kernel with a warning per call for plain
+    # sequences, and its packed (thd) fused path would drop the factor. Unfused from the start.
+    return {"yarn_correction_range_round_to_int": model.rope_yarn_truncate, "apply_rope_fusion": False}
+
+
+class _ExpertRowParallelLinear(RowParallelLinear):
+    """An expert's linear_fc2 whose output may take its bias in place.
+
+    Megatron-Core 0.16's MLP adds an expert's linear_fc2 bias into the output in place
+    (`output += output_bias * per_token_scale`). With one expert-parallel rank and ETP 1 that output
+    is the tensor-parallel reduce's input returned as is, a view autograd refuses to modify in place
+    ("Output 0 of _ReduceFromModelParallelRegion is a view ... modified inplace"), so training a
+    biased MoE on the local spec fails. A copy there (only then, and only with grad) fixes it."""
+
+    def forward(self, input_: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        output, bias = super().forward(input_, *args, **kwargs)
+        if bias is not None and not getattr(self, "explicit_expert_comm", False) and torch.is_grad_enabled():
+            output = output.clone()
+        return output, bias
+
+
+def _fix_expert_bias(layer: Any) -> None:
+    experts = getattr(getattr(getattr(layer, "submodules", None), "mlp", None), "submodules", None)
+    experts = getattr(experts, "experts", None)
+    sub = getattr(experts, "submodules", None)
+    if sub is not None and getattr(sub, "linear_fc2", None) is RowParallelLinear:
+        sub.linear_fc2 = _ExpertRowParallelLinear
+
+
+def _layer_spec(model: Any, ctx: Any) -> Any:
+    """The generic decoder spec (Megatron's own DotProductAttention on the local path: windows and
+    sinks), with the local experts' linear_fc2 able to train with biases."""
+    from ..layer_spec import decoder_spec
+
+    spec = copy.deepcopy(decoder_spec(model, ctx)[0])
+    if not ctx.te and model.add_bias_linear:
+        for layer in getattr(spec, "layer_specs", None) or [spec]:
+            _fix_expert_bias(layer)
+    return spec
+
+
+FAMILIES = (
+    RuntimeFamily(name="gpt_oss", weights=WEIGHTS, transforms=TRANSFORMS, checkpoint_aliases=ALIASES,
+                  config_kwargs=_config_kwargs, layer_spec=_layer_spec),
+)
