@@ -14,6 +14,8 @@ import attrs
 
 from .errors import Problem, ValidationError
 from .executors import rules as launch_rules
+from .families import check as family_rules
+from .modes import rules as mode_rules
 from .schema import RecipeConfig
 from .schema.launch import env_key_display
 from .text import shown
@@ -27,6 +29,11 @@ Rule = Callable[[RecipeConfig], Iterator[Finding]]
 class Findings:
     errors: tuple[Problem, ...]
     warnings: tuple[str, ...]
+
+
+def family(c: RecipeConfig) -> Iterator[Finding]:
+    """model.architecture names a known family (compiler/families), and that family's own rules."""
+    yield from family_rules(c.model)
 
 
 def world_size(c: RecipeConfig) -> int:
@@ -200,7 +207,45 @@ def io(c: RecipeConfig) -> Iterator[Finding]:
                f"profile_step_start {pr.profile_step_start}"), None)
 
 
+_LOW_PRECISION_OPTIMIZER = ("main_grads_dtype", "main_params_dtype", "exp_avg_dtype", "exp_avg_sq_dtype")
+
+
+def _precision_aware_optimizer(c: RecipeConfig) -> Iterator[Finding]:
+    """Megatron-Core's precision-aware optimizer runs only in Transformer Engine's FusedAdam (CUDA),
+    as the distributed optimizer's Adam; without it Megatron asserts at run time (its checks, here)."""
+    o = c.optimizer
+    key = "optimizer.use_precision_aware_optimizer"
+    if not o.use_precision_aware_optimizer:
+        for name in (k for k in _LOW_PRECISION_OPTIMIZER if getattr(o, k) != "fp32"):
+            yield (f"optimizer.{name}",
+                   f"optimizer.{name}={getattr(o, name)!r} takes effect only with the precision-aware optimizer",
+                   f"set {key}=true, or unset optimizer.{name} (fp32)")
+        return
+    needs = f"{key} needs Transformer Engine's FusedAdam"
+    off = f"{key}=false"
+    if c.model.transformer_impl == "local":
+        yield (key, f'{needs}, but model.transformer_impl is "local"',
+               f'set model.transformer_impl="auto" (or "transformer_engine"), or {off}')
+    if c.launch.accelerator == "cpu":
+        yield (key, f"{needs} (CUDA), but launch.accelerator is cpu", f"set {off}")
+    if o.optimizer != "adam":
+        yield (key, f"the precision-aware optimizer is an Adam; optimizer.optimizer is {o.optimizer!r}",
+               'set optimizer.optimizer="adam"')
+    if not o.use_distributed_optimizer:
+        yield (key, _NOT_DISTRIBUTED, "set optimizer.use_distributed_optimizer=true")
+    if o.main_grads_dtype == "bf16" and c.precision.grad_reduce_in_fp32:
+        yield ("optimizer.main_grads_dtype", _BF16_GRADS,
+               'set precision.grad_reduce_in_fp32=false, or optimizer.main_grads_dtype="fp32"')
+
+
+_NOT_DISTRIBUTED = ("the precision-aware optimizer runs inside the distributed optimizer, and "
+                    "optimizer.use_distributed_optimizer is false")
+_BF16_GRADS = ('optimizer.main_grads_dtype="bf16", but precision.grad_reduce_in_fp32 is true (gradients '
+               "accumulate in fp32)")
+
+
 def precision(c: RecipeConfig) -> Iterator[Finding]:
+    yield from _precision_aware_optimizer(c)
     if c.precision.fp8 and c.precision.dtype == "fp32":
         yield ("precision.fp8", "FP8 needs a bf16 or fp16 compute dtype, not fp32", 'set precision.dtype="bf16"')
     if c.peft.method:
@@ -257,8 +302,8 @@ def naming(c: RecipeConfig) -> Iterator[Finding]:
                f"so at most {MAX_NAME}"), "use a short name, e.g. name = \"my_llama\"")
 
 
-RULES: tuple[Rule, ...] = (naming, layout, heads, layers, sequence, batches, experts, schedule, io, precision,
-                          kernels)
+RULES: tuple[Rule, ...] = (naming, family, layout, heads, layers, sequence, batches, experts, schedule, io, precision,
+                          kernels, mode_rules)  # mode_rules: the train.mode plug-in's own (compiler/modes)
 
 
 def warnings_for(c: RecipeConfig) -> list[str]:

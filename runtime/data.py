@@ -1,8 +1,9 @@
 """Datasets through Megatron-Core's builder, and the per-step batches of this rank.
 
 mock -> MockGPTDataset; indexed -> GPTDataset over a blend of .bin/.idx
-prefixes; text -> text files packed into indexed datasets first (corpus.py); sft -> jsonl
-prompt/response records, one padded example per sequence (sft.py).
+prefixes; text -> text files packed into indexed datasets first (corpus.py). sft data (jsonl
+prompt/response records, sft.py) is built by its training mode (runtime/modes/sft.py), which
+uses `run_sizes` and `step_microbatches` from here.
 Batches are addressed by step, so the data position in a checkpoint is just
 the step: resuming at step k reads exactly the samples an uninterrupted run
 would have read.
@@ -11,7 +12,7 @@ would have read.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +31,20 @@ from recipec.compiler.schema import RecipeConfig
 
 from .corpus import BUILTIN, pack
 
-Batch = dict[str, torch.Tensor]
+Batch = dict[str, Any]
+
+
+def run_sizes(c: RecipeConfig) -> list[int]:
+    """Samples the run draws from the train, valid and test splits."""
+    t = c.train
+    evals = (t.train_iters // t.eval_interval + 1) if t.eval_interval else 0
+    return [t.train_iters * t.global_batch_size, max(evals, 1) * t.eval_iters * t.global_batch_size, 0]
 
 
 def build_datasets(c: RecipeConfig, tokenizer: Any, cache_dir: Path) -> tuple[Any, Any]:
-    """(train, valid) datasets sized for the whole run."""
+    """(train, valid) datasets of mock, indexed or text data, sized for the whole run."""
     d, t = c.data, c.train
-    evals = (t.train_iters // t.eval_interval + 1) if t.eval_interval else 0
-    sizes = [t.train_iters * t.global_batch_size, max(evals, 1) * t.eval_iters * t.global_batch_size, 0]
-    if d.kind == "sft":
-        return _sft_datasets(c, tokenizer, cache_dir, sizes)
+    sizes = run_sizes(c)
     prefixes: list[str] | None = None
     if d.kind == "text":
         _require([p for p in d.paths if p != BUILTIN and not Path(p).is_file()], "text file")
@@ -65,19 +70,6 @@ def build_datasets(c: RecipeConfig, tokenizer: Any, cache_dir: Path) -> tuple[An
         _check_splits(prefixes, shown, config.split_matrix, sizes, d.split)
     cls = GPTDataset if prefixes else MockGPTDataset
     train, valid, _ = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
-    return train, valid
-
-
-def _sft_datasets(c: RecipeConfig, tokenizer: Any, cache_dir: Path, sizes: list[int]) -> tuple[Any, Any]:
-    from .sft import SFTDataError, build_sft_datasets
-
-    d = c.data
-    train, valid = build_sft_datasets(list(d.paths), tokenizer, c.model.seq_length, d.split, c.train.seed,
-                                      Path(d.cache_dir) if d.cache_dir else cache_dir / "sft_cache", sizes)
-    if valid is None and c.train.eval_interval:
-        raise SFTDataError(f"sft data: the valid split is empty (data.split={d.split!r} over {len(train.examples)}+ "
-                           "examples) but train.eval_interval is set; give the valid share more weight, or "
-                           "unset train.eval_interval (~train.eval_interval)")
     return train, valid
 
 
@@ -123,8 +115,10 @@ def _collate(samples: list[Batch]) -> Batch:
     return {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
 
 
-def step_microbatches(dataset: Any, step: int, c: RecipeConfig, device: torch.device) -> list[Batch]:
-    """This data-parallel rank's microbatches of global batch number `step`."""
+def step_microbatches(dataset: Any, step: int, c: RecipeConfig, device: torch.device,
+                      collate: Callable[[list[Any]], Batch] | None = None) -> list[Batch]:
+    """This data-parallel rank's microbatches of global batch number `step` (`collate` makes one
+    microbatch of its samples; a mode with its own batch layout passes its own)."""
     gbs, mbs = c.train.global_batch_size, c.train.micro_batch_size
     dp = parallel_state.get_data_parallel_world_size()
     rank = parallel_state.get_data_parallel_rank()
@@ -134,9 +128,10 @@ def step_microbatches(dataset: Any, step: int, c: RecipeConfig, device: torch.de
     indices = [(start + i) % n for i in range(per_rank)]
     batches = []
     for i in range(0, per_rank, mbs):
-        batch = _collate([dataset[j] for j in indices[i:i + mbs]])
+        batch = (collate or _collate)([dataset[j] for j in indices[i:i + mbs]])
         batch = _this_cp_rank(batch)
-        batches.append({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+        batches.append({k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                        for k, v in batch.items()})
     return batches
 
 

@@ -18,10 +18,10 @@ and end-of-text; the loss covers the response tokens and that end-of-text, nothi
   rendered as `<|{role}|>\\n{content}\\n`; the loss covers the content of assistant messages and
   the newline after it (so the model learns where a turn ends), and the final end-of-text.
 
-One example per sequence, padded to `model.seq_length` (loss_mask 0 on the padding), never
-packed: the local (non-TE) layer spec has no packed-sequence attention, so packed examples
-would attend to each other; with one example per row, position ids 0..s-1 are exact and
-causal attention never sees the padding. The cost is compute on the padding. An example
+By default one example per sequence, padded to `model.seq_length` (loss_mask 0 on the padding):
+position ids 0..s-1 are exact and causal attention never sees the padding; the cost is compute
+on the padding (the log says what fraction of tokens is not padding). `data.packing = true`
+packs several examples into each sequence instead (runtime/modes/sft_packing.py). An example
 longer than seq_length + 1 tokens is truncated at the end; one whose response is cut away
 entirely carries no loss and is dropped. Both are counted and logged once.
 
@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -310,9 +311,35 @@ class SFTDataset(torch.utils.data.Dataset):
                 "position_ids": torch.arange(s, dtype=torch.int64)}
 
 
-def build_sft_datasets(paths: list[str], tokenizer: Any, seq_length: int, split: str, seed: int,
-                       cache_dir: Path, sizes: list[int]) -> tuple[SFTDataset, SFTDataset | None]:
-    """(train, valid) over all files' examples; valid is None when its split is empty."""
+@dataclass(frozen=True)
+class Examples:
+    """Every file's examples, concatenated: example k is ids[offsets[k]:offsets[k + 1]] (target: 1 where
+    trained on); `order` is the seeded shuffle whose first n_train are the train split, next n_valid valid."""
+
+    ids: numpy.ndarray
+    target: numpy.ndarray
+    offsets: numpy.ndarray
+    order: numpy.ndarray
+    n_train: int
+    n_valid: int
+    pad: int
+
+    @property
+    def train(self) -> numpy.ndarray:
+        return self.order[:self.n_train]
+
+    @property
+    def valid(self) -> numpy.ndarray:
+        return self.order[self.n_train:self.n_train + self.n_valid]
+
+    def lengths(self, examples: numpy.ndarray) -> numpy.ndarray:
+        """Input positions each example fills (its tokens less one: the last is only a label)."""
+        return (self.offsets[examples + 1] - self.offsets[examples] - 1).astype(numpy.int64)
+
+
+def load_examples(paths: list[str], tokenizer: Any, seq_length: int, split: str, seed: int, cache_dir: Path,
+                  layout: str) -> Examples:
+    """All files' examples, split and shuffled; `layout` only words the log line."""
     parts = load_tokenized(paths, tokenizer, seq_length, cache_dir)
     ids = numpy.concatenate([p["ids"] for p in parts])
     target = numpy.concatenate([p["target"] for p in parts])
@@ -330,12 +357,25 @@ def build_sft_datasets(paths: list[str], tokenizer: Any, seq_length: int, split:
                     f"{seq_length + 1} tokens and were truncated at the end; {dropped} had no response token "
                     f"left and were dropped")
     log.info(f"sft data: {n} examples from {len(paths)} file(s) -> train {n_train}, valid {n_valid}, "
-             f"test {n_test} (data.split={split!r}); one example per sequence, padded to {seq_length}")
+             f"test {n_test} (data.split={split!r}); {layout}")
     if n_train == 0:
         raise SFTDataError(f"sft data: the train split of {n} examples is empty (data.split={split!r})")
     order = numpy.random.RandomState(seed % 2**32).permutation(n)
     pad = getattr(tokenizer, "pad", tokenizer.eod)
-    train = SFTDataset(ids, target, offsets_all, order[:n_train], seq_length, pad, seed + 1, sizes[0])
-    valid = (SFTDataset(ids, target, offsets_all, order[n_train:n_train + n_valid], seq_length, pad, seed + 2,
-                        sizes[1]) if n_valid else None)
+    return Examples(ids, target, offsets_all, order, n_train, n_valid, pad)
+
+
+def build_sft_datasets(paths: list[str], tokenizer: Any, seq_length: int, split: str, seed: int,
+                       cache_dir: Path, sizes: list[int]) -> tuple[SFTDataset, SFTDataset | None]:
+    """(train, valid) over all files' examples, one per padded sequence; valid is None when its split is empty."""
+    ex = load_examples(paths, tokenizer, seq_length, split, seed, cache_dir,
+                       f"one example per sequence, padded to {seq_length}")
+    train = SFTDataset(ex.ids, ex.target, ex.offsets, ex.train, seq_length, ex.pad, seed + 1, sizes[0])
+    valid = (SFTDataset(ex.ids, ex.target, ex.offsets, ex.valid, seq_length, ex.pad, seed + 2, sizes[1])
+             if ex.n_valid else None)
+    for name, dataset in (("train", train), ("valid", valid)):
+        if dataset is not None:
+            used = int(ex.lengths(dataset.examples).sum())
+            log.info(f"sft {name} data: {100 * used / (len(dataset.examples) * seq_length):.1f}% of the tokens "
+                     f"of its sequences are not padding (data.packing=true would pack them)")
     return train, valid

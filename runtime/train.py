@@ -1,21 +1,21 @@
 """The per-rank training entry point: `python -m recipec.runtime.train --artifact BUILD_DIR`.
 
 torchrun starts one of these per rank. It executes exactly the compiled
-artifact: init dist -> model -> optimizer + DDP -> data -> loop -> logs and
-dist checkpoints. SIGTERM/SIGUSR1 finish the current step, save, and exit 0.
+artifact: init dist -> model (weights, LoRA, DDP) -> optimizer -> the training mode's
+data -> resume -> the shared loop (runtime/loop.py) -> logs and dist checkpoints. What is
+trained and how the loss is formed is the mode's (`train.mode`, runtime/modes/); this file
+and the loop hold nothing mode-specific. SIGTERM/SIGUSR1 finish the current step, save,
+and exit 0. Each set-up phase is timed (metrics.StartupTimer) and reported after the first step.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
 import logging
-import math
 import os
 import signal
 import sys
-from collections.abc import Iterator
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,9 @@ from recipec.compiler.errors import RecipeError
 from recipec.compiler.schema import RecipeConfig
 
 from .artifact import Artifact, load_artifact
+from .loop import DivergedError
+
+__all__ = ["DivergedError", "StopSignal", "main", "run"]
 
 log = logging.getLogger("recipec.runtime")
 
@@ -82,14 +85,49 @@ def _optimizer(c: RecipeConfig, ddp_chunks: list[Any]) -> tuple[Any, Any]:
     from .model import _DTYPES, _supported
 
     o, s, prec = c.optimizer, c.scheduler, c.precision
-    config = OptimizerConfig(**_supported(OptimizerConfig, dict(
-        optimizer=o.optimizer, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, sgd_momentum=o.sgd_momentum,
-        clip_grad=o.clip_grad, use_distributed_optimizer=o.use_distributed_optimizer,
-        overlap_param_gather=o.overlap_param_gather and o.use_distributed_optimizer,
-        bf16=prec.dtype == "bf16", fp16=prec.dtype == "fp16", params_dtype=_DTYPES[prec.dtype],
-        initial_loss_scale=prec.initial_loss_scale, log_num_zeros_in_grad=False,
-    )))
+    kwargs: dict[str, Any] = {
+        "optimizer": o.optimizer, "lr": o.lr, "min_lr": o.min_lr, "weight_decay": o.weight_decay,
+        "adam_beta1": o.adam_beta1, "adam_beta2": o.adam_beta2, "adam_eps": o.adam_eps, "sgd_momentum": o.sgd_momentum,
+        "clip_grad": o.clip_grad, "use_distributed_optimizer": o.use_distributed_optimizer,
+        "overlap_param_gather": o.overlap_param_gather and o.use_distributed_optimizer,
+        "bf16": prec.dtype == "bf16", "fp16": prec.dtype == "fp16", "params_dtype": _DTYPES[prec.dtype],
+        "initial_loss_scale": prec.initial_loss_scale, "log_num_zeros_in_grad": False,
+        # As Megatron-LM passes --fp8-recipe: the distributed optimizer handles FP8 params and the
+        # precision-aware optimizer's master weights by recipe (delayed differs from the others).
+        "fp8_recipe": prec.fp8,
+    }
+    if o.use_precision_aware_optimizer:
+        # What the compiler cannot check: a CUDA device, TE's FusedAdam with the low-precision
+        # arguments, and a Megatron-Core with the fields (_supported would drop them: an fp32 run).
+        import dataclasses
+        import inspect
+
+        from recipec.compiler.errors import Problem
+
+        def refuse(message: str, hint: str) -> RecipeError:
+            return RecipeError([Problem(RecipeError, message, key="optimizer.use_precision_aware_optimizer",
+                                        hint=hint)])
+
+        off = "set optimizer.use_precision_aware_optimizer=false"
+        if not torch.cuda.is_available() or c.launch.accelerator == "cpu":
+            raise refuse("the precision-aware optimizer needs Transformer Engine's FusedAdam on a CUDA GPU, and "
+                         "this run has none", off)
+        try:
+            from transformer_engine.pytorch.optimizers import FusedAdam
+        except ImportError as exc:
+            raise refuse("the precision-aware optimizer needs Transformer Engine's FusedAdam, which does not "
+                         f"import here ({type(exc).__name__}: {exc})",
+                         f"install Transformer Engine (recipec[te]), or {off}") from None
+        keys = ("main_grads_dtype", "main_params_dtype", "exp_avg_dtype", "exp_avg_sq_dtype")
+        lacking = [a for a in ("exp_avg_dtype", "exp_avg_sq_dtype", "master_weight_dtype", "use_decoupled_grad")
+                   if a not in inspect.signature(FusedAdam).parameters]
+        lacking += sorted({"use_precision_aware_optimizer", *keys} - {f.name for f in dataclasses.fields(OptimizerConfig)})
+        if lacking:
+            raise refuse(f"this Transformer Engine / Megatron-Core lacks {lacking}", f"upgrade them, or {off}")
+        # Megatron-LM's --exp-avg-dtype etc. spellings; fp8 moments are TE's scaled uint8.
+        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.uint8}
+        kwargs.update(use_precision_aware_optimizer=True, **{k: dtypes[getattr(o, k)] for k in keys})
+    config = OptimizerConfig(**_supported(OptimizerConfig, kwargs))
     optimizer = get_megatron_optimizer(config, ddp_chunks)
     assert s.lr_warmup_iters is not None and s.lr_decay_iters is not None
     scheduler = OptimizerParamScheduler(
@@ -115,112 +153,22 @@ def _wire_grad_sync(ddp_chunks: list[Any]) -> None:
         config.param_sync_func = [c.start_param_sync for c in ddp_chunks] if len(ddp_chunks) > 1 else ddp_chunks[0].start_param_sync
 
 
-def _forward_step(data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
-    batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    mask = batch["loss_mask"].float()
-
-    def loss_func(per_token: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        loss = (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
-        return loss, {"lm loss": loss.detach().clone()}
-
-    return output, loss_func
-
-
-class DivergedError(RuntimeError):
-    """Training produced non-finite gradients; nothing more is saved."""
-
-
-@contextlib.contextmanager
-def _manual_gc(interval: int) -> Iterator[None]:
-    """Python's GC off inside the loop (collected every `interval` steps by the loop), restored
-    however the loop ends; start-up objects are frozen so collections stay short."""
-    if not interval:
-        yield
-        return
-    gc.collect()
-    gc.freeze()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-        gc.unfreeze()
-
-
-def _local_loss(outputs: list[dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
-    """This rank's share of the step's mean loss: summed over all ranks it is the global mean.
-
-    Stays on the device; the host reads it only when the pending steps are flushed, so a step
-    costs no extra host synchronization.
-    """
+def run(artifact: Artifact, main_start: float | None = None) -> int:
+    """One rank's whole run: set-up (timed per phase), the shared loop, and an orderly end."""
     from megatron.core import parallel_state
-
-    reporter = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-                and parallel_state.get_tensor_model_parallel_rank() == 0)
-    if not (reporter and outputs):
-        return torch.zeros(1, device=device)
-    loss = torch.stack([o["lm loss"].float() for o in outputs]).mean().reshape(1)
-    return loss / parallel_state.get_data_parallel_world_size(with_context_parallel=True)
-
-
-def _flush(pending: list[tuple[int, torch.Tensor, float, float | None, bool]], stop_flag: float,
-           device: torch.device) -> tuple[list[float], bool]:
-    """One all-reduce for the losses of the pending steps and the stop flag (MAX via the sum > 0)."""
-    values = torch.cat([p[1] for p in pending] + [torch.tensor([stop_flag], device=device)])
-    dist.all_reduce(values)
-    host = values.tolist()
-    return host[:-1], host[-1] > 0
-
-
-def _reduce_loss(outputs: list[dict[str, torch.Tensor]], device: torch.device) -> float:
-    """Mean loss over microbatches and data/context ranks, made known to every rank."""
-    value = _local_loss(outputs, device)
-    dist.all_reduce(value)
-    return float(value.item())
-
-
-def _full_iteration_graph(forward_backward: Any, c: RecipeConfig) -> Any:
-    """Megatron-Core's full-iteration CUDA graph around the schedule: eager for the warm-up
-    steps, then one capture, then one graph replay per step (forward + backward of every
-    microbatch, grad sync included; the optimizer step stays eager)."""
-    import inspect
-
-    from megatron.core.full_cuda_graph import FullCudaGraphWrapper
-
-    kwargs: dict[str, Any] = {"cuda_graph_warmup_steps": c.train.cuda_graph_warmup_steps}
-    if "use_single_mempool" in inspect.signature(FullCudaGraphWrapper).parameters:
-        kwargs["use_single_mempool"] = True
-    return FullCudaGraphWrapper(forward_backward, **kwargs)
-
-
-def _cuda_graphs_captured(mode: str) -> bool:
-    """Whether Megatron-Core has captured this mode's graphs (so the log can say so, not assume)."""
-    if mode == "layers":
-        from megatron.core.transformer.cuda_graphs import _CudagraphGlobalRecord
-
-        return bool(_CudagraphGlobalRecord.cudagraph_created)
-    from megatron.core.full_cuda_graph import FullCudaGraphWrapper
-
-    return FullCudaGraphWrapper.cuda_graph.get("training") is not None
-
-
-def run(artifact: Artifact) -> int:
-    from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from . import checkpoint as ckpt
     from .ckpt_compat import model_record
     from .ckpt_workers import install as children_die_with_this_rank
-    from .data import build_datasets, step_microbatches
     from .device import activate_cpu_mode
-    from .init import keyed_init
-    from .metrics import Meter
-    from .model import build_model_chunks, wrap_ddp
+    from .loop import Trainer, train
+    from .metrics import Meter, StartupTimer
+    from .modes import build_mode
+    from .modes.base import Context
     from .profiling import Profiler
     from .run_lock import lock_run_directories
-    from .tokenizer import build_tokenizer
 
+    timer = StartupTimer(main_start if main_start is not None else time.time())
     c, plan = artifact.config, artifact.plan
     stop = StopSignal(c.train.exit_signal_handler)
     children_die_with_this_rank()  # processes this rank forks (checkpoint writers, data workers) end with it
@@ -233,7 +181,8 @@ def run(artifact: Artifact) -> int:
                           "(the recipe compiled for " + c.launch.accelerator + '); set train.cuda_graph="none"')
     if not on_gpu:
         activate_cpu_mode()
-    device = _init_distributed(c, on_gpu)
+    with timer.phase("process_group"):
+        device = _init_distributed(c, on_gpu)
     rank0 = dist.get_rank() == 0
     out_dir = Path(c.launch.output_dir.format(name=c.name))
     # One run owns its directories: a second run on them stops here (exit 2), before it reads or writes.
@@ -249,25 +198,76 @@ def run(artifact: Artifact) -> int:
     if resumable:  # a checkpoint of another model stops the run here, by name, before anything is built
         ckpt.refuse_model_change(Path(load_dir), record, source)
 
+    mode = build_mode(Context(config=c, plan=plan, device=device, on_gpu=on_gpu, out_dir=out_dir))
+    with timer.phase("model"):
+        ddp_chunks = _build_model(artifact, on_gpu, resumable, record, timer)
+        mode.build_extra_models(ddp_chunks)
+    with timer.phase("optimizer"):
+        optimizer, scheduler = _optimizer(c, ddp_chunks)
+    with timer.phase("data"):
+        mode.build_data()
+
+    step = 0
+    with timer.phase("checkpoint_load"):
+        if resumable:
+            # Failed checkpoints are renamed iter_N.bad only in this run's own (locked) directory. The
+            # saved LR schedule continues unless scheduler.override_opt_param_scheduler (ckpt_state).
+            step = ckpt.load_latest(Path(load_dir), ddp_chunks, optimizer, scheduler, artifact.fingerprint,
+                                    mark_bad=own, model=record, source=source,
+                                    override_schedule=c.scheduler.override_opt_param_scheduler)
+    if step:
+        scheduler.step(increment=0)
+        scheduler.num_steps = step
+        scheduler.step(increment=0)
+
+    saver = ckpt.Saver(Path(ck.save), artifact.fingerprint, ck.keep_last, ck.optimizer_sharding, device,
+                       model=record, async_save=bool(ck.async_save)) if ck.save else None
+    meter = Meter(plan, out_dir, dist.get_world_size(), c.logging.tensorboard_dir, writer=rank0)
+    profiler = Profiler(c.profiling, dist.get_rank(), out_dir, on_gpu)
+    train(Trainer(config=c, plan=plan, device=device, chunks=ddp_chunks, optimizer=optimizer, scheduler=scheduler,
+                  mode=mode, saver=saver, meter=meter, profiler=profiler, stop=stop, timer=timer, step=step))
+    if saver is not None:
+        saver.finish()
+    meter.close()
+    profiler.close()
+    dist.barrier()
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+    if run_lock is not None:
+        run_lock.release()
+    return 0
+
+
+def _build_model(artifact: Artifact, on_gpu: bool, resumable: bool, record: dict[str, Any], timer: Any) -> list[Any]:
+    """This rank's model chunks with their start weights (HF or dist checkpoint, timed as checkpoint
+    load), LoRA adapters and torch.compile applied, wrapped in Megatron-Core DDP."""
+    from . import checkpoint as ckpt
+    from .init import keyed_init
+    from .model import build_model_chunks, wrap_ddp
+
+    c, plan, ck = artifact.config, artifact.plan, artifact.config.checkpoint
     chunks, backend = build_model_chunks(c, plan["padded_vocab_size"], on_gpu=on_gpu)
     if not on_gpu:
         keyed_init(chunks, c.train.seed, c.model.init_method_std, c.model.num_layers)
     hf_pretrained = bool(ck.pretrained) and _is_hf_dir(ck.pretrained)
     if hf_pretrained and not ckpt.complete_steps(Path(ck.load or ck.save or ck.pretrained)):
         # An HF directory: its weights go straight into this rank's shards (any TP/PP), before
-        # DDP and the optimizer copy them; a resumable checkpoint, if any, wins below.
+        # DDP and the optimizer copy them; a resumable checkpoint, if any, wins later.
         from .hf.convert import cpu_mode, load_hf_into_chunks
 
         if not on_gpu:
             cpu_mode()
-        load_hf_into_chunks(ck.pretrained, chunks, c, plan["padded_vocab_size"])
+        with timer.phase("checkpoint_load"):
+            load_hf_into_chunks(ck.pretrained, chunks, c, plan["padded_vocab_size"])
         log.info(f"loaded Hugging Face weights from {ck.pretrained}")
     if ck.pretrained and not hf_pretrained and not resumable:
         # Base weights go into the bare model, before adapters, DDP and the optimizer's copies exist.
-        loaded = ckpt.load_latest(Path(ck.pretrained), chunks, None, None, artifact.fingerprint,
-                                  with_optimizer=False, require=True, model=record, source="checkpoint.pretrained")
+        with timer.phase("checkpoint_load"):
+            loaded = ckpt.load_latest(Path(ck.pretrained), chunks, None, None, artifact.fingerprint,
+                                      with_optimizer=False, require=True, model=record,
+                                      source="checkpoint.pretrained")
         log.info(f"started from the weights of {ck.pretrained} (step {loaded} there)")
-    if c.peft.method == "lora":
+    if c.peft.method in ("lora", "dora"):  # runtime/lora.py: DoRA is LoRA plus a magnitude vector
         from .lora import apply_lora, init_adapters, parameter_counts
 
         apply_lora(chunks, c)
@@ -283,135 +283,11 @@ def run(artifact: Artifact) -> int:
     log.info(f"recipec: {c.name} ({artifact.fingerprint[:19]}) on {dist.get_world_size()} rank(s), "
              f"{'cuda/nccl' if on_gpu else 'cpu/gloo (CPU mode: CUDA-only Megatron calls redirected)'}; "
              f"layer spec: {backend}" + ("" if backend == "transformer_engine"
-                                          else " (Transformer Engine not importable: local modules + torch SDPA)"))
+                                          else " (Transformer Engine not importable: local modules + torch SDPA)")
+             + f"; train.mode: {c.train.mode}" + (" (packed sequences)" if c.data.packing else ""))
     ddp_chunks = wrap_ddp(c, chunks)
     _wire_grad_sync(ddp_chunks)
-    optimizer, scheduler = _optimizer(c, ddp_chunks)
-    tokenizer = build_tokenizer(c)
-    train_data, valid_data = build_datasets(c, tokenizer, out_dir / "data")
-
-    step = 0
-    if resumable:
-        # Failed checkpoints are renamed iter_N.bad only in this run's own (locked) directory. The
-        # saved LR schedule continues unless scheduler.override_opt_param_scheduler (ckpt_state).
-        step = ckpt.load_latest(Path(load_dir), ddp_chunks, optimizer, scheduler, artifact.fingerprint, mark_bad=own,
-                                model=record, source=source,
-                                override_schedule=c.scheduler.override_opt_param_scheduler)
-    if step:
-        scheduler.step(increment=0)
-        scheduler.num_steps = step
-        scheduler.step(increment=0)
-
-    forward_backward = get_forward_backward_func()
-    if c.train.cuda_graph == "full_iteration":
-        forward_backward = _full_iteration_graph(forward_backward, c)
-    if c.train.cuda_graph != "none":
-        log.info(f"CUDA graphs: {c.train.cuda_graph}, captured after {c.train.cuda_graph_warmup_steps} eager steps")
-    saver = ckpt.Saver(Path(ck.save), artifact.fingerprint, ck.keep_last, ck.optimizer_sharding, device,
-                       model=record) if ck.save else None
-    meter = Meter(plan, out_dir, dist.get_world_size(), c.logging.tensorboard_dir, writer=rank0)
-    profiler = Profiler(c.profiling, dist.get_rank(), out_dir, on_gpu)
-    model_arg = ddp_chunks if len(ddp_chunks) > 1 else ddp_chunks[0]
-    common = dict(forward_step_func=_forward_step, model=model_arg, num_microbatches=plan["microbatches_per_step"],
-                  seq_length=c.model.seq_length // c.parallel.context_parallel_size,
-                  micro_batch_size=c.train.micro_batch_size)
-    if rank0 and step >= c.train.train_iters:
-        log.info(f"already trained to step {step} (train.train_iters={c.train.train_iters}); "
-                 f"raise train.train_iters to continue this run")
-    elif rank0 and step:
-        log.info(f"continuing at step {step + 1} of {c.train.train_iters}")
-    last_saved = start_step = step
-    # Model, optimizer and Megatron state live for the whole run: keep them out of the cyclic
-    # GC's generations, else each full collection walks them all (Llama-3.2-1B on one H100:
-    # 208 -> 198 ms/step, bench/RESULTS.md). Unfrozen below, for callers that run() in-process.
-    gc_interval = c.train.manual_gc_interval
-    with _manual_gc(gc_interval):
-        pending: list[tuple[int, torch.Tensor, float, float | None, bool]] = []
-        stopping = False
-        while step < c.train.train_iters and not stopping:
-            profiler.before_step(step)
-            for chunk in ddp_chunks:
-                chunk.zero_grad_buffer()
-            optimizer.zero_grad()
-            batches = step_microbatches(train_data, step, c, device)
-            data = [iter(batches) for _ in ddp_chunks] if len(ddp_chunks) > 1 else iter(batches)
-            outputs = forward_backward(data_iterator=data, forward_only=False, **common)
-            ok, grad_norm, _ = optimizer.step()
-            scheduler.step(increment=1)
-            step += 1
-            norm = float(grad_norm) if grad_norm is not None else None
-            if norm is not None and not math.isfinite(norm):  # the global norm: every rank stops here
-                if saver is not None:
-                    saver.finish()  # a checkpoint still being hashed predates the divergence: complete it
-                raise DivergedError(f"gradient norm is {norm} at step {step}; stopping without saving, so the "
-                                    f"last checkpoint ({last_saved or 'none'}) stays the last good one")
-            pending.append((step, _local_loss(outputs, device), optimizer.param_groups[0]["lr"], norm, ok))
-            if c.train.cuda_graph != "none" and step == start_step + c.train.cuda_graph_warmup_steps + 2:
-                captured = _cuda_graphs_captured(c.train.cuda_graph)
-                log.info(f"CUDA graphs ({c.train.cuda_graph}) {'captured and replaying' if captured else 'NOT captured: eager'}"
-                         f" at step {step}")
-            profiler.after_step(step)
-            if saver is not None:
-                saver.poll()  # a checkpoint being hashed completes as soon as every rank is done (no-op if none)
-            if gc_interval and step % gc_interval == 0:
-                gc.collect()
-            due_save = bool(ck.save_interval and step % ck.save_interval == 0)
-            due_eval = bool(c.train.eval_interval and step % c.train.eval_interval == 0)
-            last = step == c.train.train_iters
-            if not (step % c.logging.log_interval == 0 or last or due_save or due_eval):
-                continue
-            # Losses reach the host here, once per log interval, together with the stop decision.
-            received = 1.0 if (c.train.exit_signal_handler and stop.received) else 0.0
-            losses, stopping = _flush(pending, received, device)
-            for (s, _, lr, n, good), loss in zip(pending, losses):
-                meter.record(s, loss, lr, n, skipped=not good)
-            _, _, lr, norm, _ = pending[-1]
-            pending.clear()
-            if step % c.logging.log_interval == 0 or last:
-                meter.report(step, c.train.train_iters, losses[-1], lr, norm)
-            if due_eval:
-                _evaluate(c, ddp_chunks, valid_data, step, device, common, forward_backward)
-            if saver is not None:
-                if (due_save or stopping or last) and step != last_saved:
-                    # Returns once the data is written; hashing and the rename into place follow.
-                    saver.save(step, ddp_chunks, optimizer, scheduler)
-                    last_saved = step
-                if stopping or last:
-                    saver.finish()  # waits for the hashes: the run ends with a complete checkpoint
-            if stopping and rank0:
-                log.info(f"stopping at step {step} on signal {stop.received or 'from another rank'}; "
-                         f"{'checkpoint saved' if ck.save else 'no checkpoint.save configured'}")
-    if saver is not None:
-        saver.finish()
-    meter.close()
-    profiler.close()
-    dist.barrier()
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
-    if run_lock is not None:
-        run_lock.release()
-    return 0
-
-
-def _evaluate(c: RecipeConfig, ddp_chunks: list[Any], valid_data: Any, step: int, device: torch.device,
-              common: dict[str, Any], forward_backward: Any) -> None:
-    from .data import step_microbatches
-
-    for chunk in ddp_chunks:
-        chunk.eval()
-    losses = []
-    with torch.no_grad():
-        for i in range(c.train.eval_iters):
-            batches = step_microbatches(valid_data, (step // (c.train.eval_interval or 1)) * c.train.eval_iters + i,
-                                        c, device)
-            data = [iter(batches) for _ in ddp_chunks] if len(ddp_chunks) > 1 else iter(batches)
-            outputs = forward_backward(data_iterator=data, forward_only=True, **common)
-            losses.append(_reduce_loss(outputs, device))
-    for chunk in ddp_chunks:
-        chunk.train()
-    if dist.get_rank() == 0:
-        mean = sum(losses) / len(losses)
-        log.info(f"eval at step {step}: loss {mean:.4f} (over {len(losses)} batches)")
+    return ddp_chunks
 
 
 def _is_hf_dir(path: str) -> bool:
@@ -425,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     mistake is one `recipec: error:` message and exit 2, a bug keeps its traceback."""
     from . import boundary
 
+    main_start = time.time()  # imports before this are timed from the process start (metrics.StartupTimer)
     _setup_logging()  # first: the filters must be in place before a library is imported and warns
     from .safe_load import install
 
@@ -437,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         artifact = load_artifact(args.artifact)
         try:
-            return run(artifact)
+            return run(artifact, main_start)
         except ValueError as exc:
             # torch's env:// rendezvous: "environment variable RANK expected, but not set". Checked
             # here, not up front, so the artifact's own errors (checked first in run) still show.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,6 +71,7 @@ class LocalExecutor:
             _warn_rendezvous(built, node_rank or 0, echo)
         Path(run_dir(built), "logs").mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **shown_env}
+        env.setdefault("RECIPEC_LAUNCH_TIME", repr(time.time()))  # ranks report launch -> first step (runtime/metrics.py)
         echo(f"recipec: {built.name}: node {node_rank or 0} of {nodes}, {built.config.launch.gpus_per_node} "
              f"process(es): {join(argv)}", err=True)
         return run_torchrun(argv, env, echo)

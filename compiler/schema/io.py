@@ -21,6 +21,9 @@ class DataConfig:
     split: str = option("969,30,1", "Train,valid,test proportions.")
     cache_dir: str | None = option(None, "Where built dataset indices are cached.")
     num_workers: int = option(2, "DataLoader workers per rank.", min=0, max=MAX_WORKERS)
+    packing: bool = option(
+        False, "sft: concatenate examples into full sequences (attention and position ids restart per "
+        "example) instead of padding one example per sequence; needs train.micro_batch_size = 1.")
 
 
 @attrs.frozen
@@ -52,7 +55,18 @@ class CheckpointConfig:
         "dp_reshardable saves faster but resumes only under the same TP/PP.",
         choices=("fully_reshardable", "dp_reshardable"),
     )
-    async_save: bool = option(False, "Write checkpoints in the background.")
+    async_save: bool | None = option(
+        None, "Write checkpoints in the background while training continues (staged to host memory first); "
+        "a stop signal and the end of the run wait for the write.", derived='true unless launch.accelerator is "cpu"',
+    )
+
+
+def derive_checkpoint(checkpoint: CheckpointConfig, accelerator: str) -> CheckpointConfig:
+    """async_save on GPU by default: the save stall is the D2H copy instead of the write. On CPU
+    the background write competes with training for the same cores, so it stays synchronous."""
+    if checkpoint.async_save is not None:
+        return checkpoint
+    return attrs.evolve(checkpoint, async_save=accelerator != "cpu")
 
 
 @attrs.frozen

@@ -2,8 +2,16 @@
 
 import attrs
 
+from ..modes import resolved_mode
 from ._fields import option
-from .io import CheckpointConfig, DataConfig, LoggingConfig, ProfilingConfig, TokenizerConfig
+from .io import (
+    CheckpointConfig,
+    DataConfig,
+    LoggingConfig,
+    ProfilingConfig,
+    TokenizerConfig,
+    derive_checkpoint,
+)
 from .launch import LaunchConfig, PeftConfig
 from .model import ModelConfig, derive_model
 from .parallel import ParallelConfig, derive_parallel
@@ -48,6 +56,8 @@ def derive(config: RecipeConfig) -> RecipeConfig:
         model=derive_model(config.model),
         parallel=derive_parallel(config.parallel),
         scheduler=scheduler,
+        checkpoint=derive_checkpoint(config.checkpoint, config.launch.accelerator),
+        train=attrs.evolve(config.train, mode=resolved_mode(config)),  # compiler/modes: the derivation rule
     )
 
 

@@ -2,6 +2,7 @@
 
 import attrs
 
+from ..modes import DERIVED_RULE, MODES
 from ._fields import option
 from .bounds import (
     MAX_BATCH,
@@ -17,8 +18,15 @@ from .bounds import (
 
 @attrs.frozen
 class TrainConfig:
-    """Batch sizes, length of the run, evaluation and seed."""
+    """Training mode, batch sizes, length of the run, evaluation and seed."""
 
+    mode: str | None = option(
+        None, "What is trained and how the loss is formed: pretrain (every token) or sft (the responses of "
+        "jsonl records); a plug-in each (compiler/modes, runtime/modes).", choices=tuple(MODES),
+        derived=DERIVED_RULE)
+    mode_options: dict[str, str | int | float | bool] = option(
+        {}, "The training mode's own keys (e.g. a DPO beta), checked by the mode's plug-in "
+        "(compiler/modes/<mode>.py); pretrain and sft have none.")
     global_batch_size: int = option(256, "Sequences per optimizer step, all ranks together.", min=1, max=MAX_BATCH)
     micro_batch_size: int = option(1, "Sequences per forward pass on one rank.", min=1, max=MAX_BATCH)
     train_iters: int = option(1000, "Optimizer steps to run.", min=1, max=MAX_STEPS)
@@ -69,6 +77,24 @@ class OptimizerConfig:
     overlap_param_gather: bool = option(
         False, "Overlap the param all-gather with the next forward (distributed optimizer)."
     )
+    # Megatron-Core's precision-aware optimizer (OptimizerConfig fields of the same names, the
+    # choices of Megatron-LM's --exp-avg-dtype etc.): Transformer Engine's FusedAdam keeps the Adam
+    # moments (and optionally master weights, grads) in lower precision, e.g. bf16 moments take
+    # 4 bytes/parameter instead of 8 and halve the optimizer's memory traffic.
+    use_precision_aware_optimizer: bool = option(
+        False, "Let the optimizer keep master params, grads and Adam moments in the dtypes below (Transformer "
+        "Engine's FusedAdam; needs adam, the distributed optimizer and TE modules on a GPU).")
+    main_grads_dtype: str = option(
+        "fp32", "Main-grad dtype with use_precision_aware_optimizer (bf16 needs "
+        "precision.grad_reduce_in_fp32=false).", choices=("fp32", "bf16"))
+    main_params_dtype: str = option(
+        "fp32", "Master-weight dtype with use_precision_aware_optimizer.", choices=("fp32", "fp16"))
+    exp_avg_dtype: str = option(
+        "fp32", "Adam first-moment dtype with use_precision_aware_optimizer (storage only; the update "
+        "computes in fp32).", choices=("fp32", "fp16", "bf16", "fp8"))
+    exp_avg_sq_dtype: str = option(
+        "fp32", "Adam second-moment dtype with use_precision_aware_optimizer (storage only).",
+        choices=("fp32", "fp16", "bf16", "fp8"))
 
 
 @attrs.frozen
