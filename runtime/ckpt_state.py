@@ -11,6 +11,12 @@ from typing import Any
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import (
+    get_default_save_sharded_strategy,
+)
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+    FullyParallelSaveStrategyWrapper,
+)
 
 
 def layout() -> dict[str, int]:
@@ -20,6 +26,16 @@ def layout() -> dict[str, int]:
         "pp": parallel_state.get_pipeline_model_parallel_world_size(),
         "dp": parallel_state.get_data_parallel_world_size(),
     }
+
+
+def save_strategy() -> Any:
+    """Megatron's torch_dist save strategy, spread over the data-parallel ranks (as Megatron-LM's
+    --ckpt-fully-parallel-save): each DP rank writes its share of the DP-replicated tensors
+    instead of DP rank 0 writing them all. Any layout loads the result (the format is the same)."""
+    base = get_default_save_sharded_strategy()
+    if parallel_state.get_data_parallel_world_size(with_context_parallel=True) == 1:
+        return base
+    return FullyParallelSaveStrategyWrapper(base, parallel_state.get_data_parallel_group(with_context_parallel=True))
 
 
 def _rng_state() -> ShardedObject:

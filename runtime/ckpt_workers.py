@@ -19,7 +19,8 @@ What `protected_writers()` (around every save) and `install()` do about it:
 
 - The result queue becomes an in-process `queue.Queue`: a synchronous save runs the fan-out
   in the rank itself (AsyncRequest.execute_sync), so both ends of the queue are in this
-  process and no Manager is ever started.
+  process and no Manager is ever started. An async save (BackgroundWrite, below) runs the same
+  fan-out in one forked process per rank and sends its results back over a pipe (ResultBox).
 - Writers forked during a save get a no-op Python handler for SIGTERM, SIGINT and SIGUSR1: the
   rank's own handler (train.StopSignal) decides when to stop, a writer only finishes its file.
   A Python handler rather than SIG_IGN, so that anything a writer execs gets default handling.
@@ -33,13 +34,20 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
+import multiprocessing as mp
 import os
 import queue
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from .ckpt_manifest import hash_file
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 _PR_SET_PDEATHSIG = 1
@@ -88,14 +96,17 @@ def _filesystem_async() -> Any | None:
 
 
 @contextlib.contextmanager
-def protected_writers() -> Iterator[None]:
-    """Around a synchronous dist_checkpointing.save: no Manager process, signal-proof writers."""
+def protected_writers(results: Any | None = None) -> Iterator[None]:
+    """Around a dist_checkpointing.save: no Manager process, signal-proof writers.
+
+    results: the object Megatron's writer puts its results into (an in-process queue.Queue for a
+    synchronous save; a ResultBox for one written by a BackgroundWrite)."""
     global _saving
     install()
     module = _filesystem_async()
     previous = module._results_queue if module is not None else None
     if module is not None:
-        module._results_queue = queue.Queue()
+        module._results_queue = results if results is not None else queue.Queue()
     _saving = True
     try:
         yield
@@ -103,3 +114,141 @@ def protected_writers() -> Iterator[None]:
         _saving = False
         if module is not None:
             module._results_queue = previous
+
+
+# Test hook: seconds the background writer waits before writing, so that tests can stop or kill
+# a run while a background write is in flight (a tiny model's write takes milliseconds).
+WRITE_DELAY_ENV = "RECIPEC_TEST_CKPT_WRITE_DELAY_S"
+
+
+class ResultBox:
+    """Megatron's write-results queue for a BackgroundWrite: holds the one result `put` there.
+
+    The writer process puts into its own copy; BackgroundWrite sends it over a pipe and puts it
+    into the rank's copy, where Megatron's finalize takes it with get_nowait()."""
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+
+    def put(self, item: Any) -> None:
+        self._items.append(item)
+
+    def get_nowait(self) -> Any:
+        if not self._items:
+            raise queue.Empty
+        return self._items.pop(0)
+
+
+@dataclass
+class WriteReport:
+    """What a rank's background writer did: Megatron's write results (or its exception), the
+    hashes of the files it wrote, its seconds writing and hashing, or why it failed."""
+
+    results: Any = None
+    files: dict[str, Any] = field(default_factory=dict)
+    write_s: float = 0.0
+    hash_s: float = 0.0
+    error: str | None = None
+
+
+def _write_in_background(async_fn: Any, args: list[Any], kwargs: dict[str, Any], send: Any, directory: Path,
+                         names: list[str]) -> None:
+    """The forked writer: Megatron's write (itself forking one process per file), then hash and
+    fsync those files; one WriteReport back down the pipe. GC stays off: the rank's CUDA tensors
+    must not be freed from a forked copy (Megatron's writers do the same)."""
+    gc.disable()
+    report = WriteReport()
+    try:
+        delay = float(os.environ.get(WRITE_DELAY_ENV) or 0)
+        if delay > 0:
+            time.sleep(delay)
+        started = time.perf_counter()
+        async_fn(*args, **kwargs)
+        report.write_s = time.perf_counter() - started
+        report.results = args[2].get_nowait()
+        if not isinstance(report.results, BaseException):
+            started = time.perf_counter()
+            report.files = {name: hash_file(directory / name, fsync=True) for name in names}
+            report.hash_s = time.perf_counter() - started
+    except BaseException as exc:  # noqa: BLE001 - reported to the rank, which agrees on it with the others
+        report.error = f"{type(exc).__name__}: {exc}"
+    try:
+        send.send(report)
+    except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable exception in the results
+        send.send(WriteReport(error=f"could not report the write: {type(exc).__name__}: {exc}"))
+    send.close()
+
+
+class BackgroundWrite:
+    """One rank's share of an async save (Megatron's AsyncRequest), written by a forked process.
+
+    Why our own caller and not Megatron's AsyncCallsQueue: that is deprecated in megatron-core
+    0.19 (in favour of NVRx, which is not installed everywhere) and its completion check
+    all-reduces a CUDA tensor, so it cannot run on CPU. The request itself (Megatron's
+    `save(..., async_sharded_save=True)`) is the same in 0.16 and 0.19.
+
+    Why a fork, as Megatron's TemporalAsyncCaller does, rather than a thread: the staged tensors
+    (`preload_fn`: a copy to pinned host memory on GPU; on CPU the parameters themselves) are
+    frozen by the fork (copy-on-write), so the optimizer steps that follow cannot tear the
+    checkpoint; and the writer processes are forked from a single-threaded process. Started
+    inside protected_writers(), the writer ignores stop signals and dies with its rank.
+    """
+
+    def __init__(self, request: Any, directory: Path) -> None:
+        self.finalize_fns: list[Any] = list(request.finalize_fns)
+        self.report: WriteReport | None = None
+        self.process: Any = None
+        self.box: ResultBox | None = None
+        if request.async_fn is None:  # nothing of this rank's to write
+            self.report = WriteReport()
+            return
+        args = list(request.async_fn_args)
+        if request.preload_fn is not None:
+            args[1] = request.preload_fn()  # the staging (D2H) copy: part of the stall
+        self.box = args[2]
+        names = [bucket[1] for bucket in args[1]]
+        context = mp.get_context("fork")
+        self._receive, send = context.Pipe(duplex=False)
+        self.process = context.Process(target=_write_in_background, name="recipec-ckpt-writer",
+                                       args=(request.async_fn, args, dict(request.async_fn_kwargs), send,
+                                             directory, names))
+        self.process.start()
+        send.close()
+
+    def busy(self) -> bool:
+        """Whether the write is still running (never blocks)."""
+        if self.report is None:
+            self._collect(block=False)
+        return self.report is None
+
+    def wait(self) -> WriteReport:
+        """Block until the writer has reported (or died); its report."""
+        while self.report is None:
+            self._collect(block=True)
+        if self.process is not None:
+            self.process.join()
+        return self.report
+
+    def _collect(self, block: bool) -> None:
+        ended = False  # the pipe reached its end without a report: the writer died
+        try:
+            if self._receive.poll(0.05 if block else 0) or not self.process.is_alive():
+                if self._receive.poll(0):
+                    self.report = self._receive.recv()
+                else:
+                    ended = not self.process.is_alive()
+        except (EOFError, OSError):
+            ended = True
+        if ended:
+            self.process.join()
+            self.report = WriteReport(error=f"the checkpoint writer process exited with code {self.process.exitcode} "
+                                            "without reporting")
+        if self.report is not None:
+            self._receive.close()
+            if self.box is not None and self.report.results is not None:
+                self.box.put(self.report.results)
+
+    def finalize(self) -> None:
+        """Megatron's finalize callbacks (collective: write results gathered, .metadata written)."""
+        for fn in self.finalize_fns:
+            fn()
