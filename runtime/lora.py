@@ -9,9 +9,11 @@ the optimizer exist. It freezes every base parameter and gives each target linea
 with A drawn like PEFT's kaiming-uniform and B zero, so step 0 computes the base model.
 
 Targets are found by attribute path, never by class (local `ColumnParallelLinear` and TE's
-`TELayerNormColumnParallelLinear` alike): `self_attention.linear_qkv`,
-`self_attention.linear_proj`, `mlp.linear_fc1`, `mlp.linear_fc2` of every transformer
-layer. MoE experts (`mlp.experts.*`, `mlp.shared_experts.*`) are left without adapters.
+`TELayerNormColumnParallelLinear` alike); the model family names them
+(`RuntimeFamily.lora_targets`, runtime/families: name -> (path in a layer, column|row)), by
+default `self_attention.linear_qkv`, `self_attention.linear_proj`, `mlp.linear_fc1`,
+`mlp.linear_fc2` of every transformer layer. MoE experts (`mlp.experts.*`,
+`mlp.shared_experts.*`) are left without adapters.
 
 Tensor parallelism follows Megatron-Bridge's `ParallelLinearAdapter`:
 
@@ -33,10 +35,25 @@ The base keeps its `(output, bias)` contract. TE's fused layernorm-linears are a
 their layernorm output (`return_layernorm_output`), which the adapter consumes, as Bridge
 does; the local spec's separate norms need nothing.
 
+DoRA (`peft.method = "dora"`, weight-decomposed LoRA; PEFT's `use_dora`) adds a trained
+magnitude m per output row of the target: the layer computes
+
+    y = m / ||W + s B A||_row * (W x + s B A dropout(x)) (+ the base's bias, unscaled)
+
+with s = alpha / r and the norm over each output row's inputs (PEFT's `get_weight_norm`, dim 1
+of the [out, in] weight), detached from the graph (DoRA paper section 4.3, as PEFT does). m
+starts at ||W||_row, so with B = 0 step 0 is the base model again. Dropout acts on the low-rank
+path only (PEFT also applies its mask to the W x that is rescaled; the two agree without
+dropout and at eval, which is what an export computes). Under TP the norm is of the global row:
+a column-parallel weight holds whole rows (m sharded like B), a row-parallel one holds a slice
+of every row, so the squared partial sums are all-reduced over TP (m replicated like B). The
+norm is a constant, so that all-reduce needs no backward.
+
 Checkpoints: the adapters live at `<linear>.adapter.linear_in.weight` (A) and
-`<linear>.adapter.linear_out.weight` (B) in the model's `sharded_state_dict`, as
-ShardedTensors with their TP axis (the gated fc1's B as the gate/up halves, like the base
-fc1 weight), so checkpoints reshard across TP/PP. The whole model is saved: base weights
+`<linear>.adapter.linear_out.weight` (B), and DoRA's m at `<linear>.adapter.weight_magnitude`
+(Megatron-Bridge's name), in the model's `sharded_state_dict`, as ShardedTensors with their TP
+axis (the gated fc1's B and m as the gate/up halves, like the base fc1 weight), so checkpoints
+reshard across TP/PP. The whole model is saved: base weights
 (frozen, unchanged) next to the adapters, so a LoRA checkpoint resumes or exports on its
 own without the pretrained checkpoint.
 """
@@ -46,6 +63,7 @@ from __future__ import annotations
 import logging
 import math
 import zlib
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -53,23 +71,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 
-log = logging.getLogger("recipec.runtime")
+from . import families
 
-#: target name -> (attribute path inside a transformer layer, parallel mode)
-TARGETS = {
-    "linear_qkv": ("self_attention.linear_qkv", "column"),
-    "linear_proj": ("self_attention.linear_proj", "row"),
-    "linear_fc1": ("mlp.linear_fc1", "column"),
-    "linear_fc2": ("mlp.linear_fc2", "row"),
-}
+log = logging.getLogger("recipec.runtime")
 
 
 class LoRAAdapter(torch.nn.Module):
     """The two low-rank factors of one target; parameters `linear_in.weight` (A) and
-    `linear_out.weight` (B), named as Megatron-Bridge names them."""
+    `linear_out.weight` (B), named as Megatron-Bridge names them; with `magnitude` (DoRA) also
+    `weight_magnitude` (m, one per local output row; set by apply_lora from the base weight)."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, *, mode: str, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, magnitude: bool = False) -> None:
         super().__init__()
         self.mode = mode
         self.linear_in = torch.nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
@@ -80,6 +93,11 @@ class LoRAAdapter(torch.nn.Module):
         # Which factor is TP-sharded (grad-norm and optimizer bookkeeping read these attributes).
         tensor_parallel.set_tensor_model_parallel_attributes(a, mode == "row", 1, 1)
         tensor_parallel.set_tensor_model_parallel_attributes(b, mode == "column", 0, 1)
+        if magnitude:  # sharded with the output rows, like B
+            self.weight_magnitude = torch.nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
+            tensor_parallel.set_tensor_model_parallel_attributes(self.weight_magnitude, mode == "column", 0, 1)
+        else:
+            self.register_parameter("weight_magnitude", None)
 
 
 def _lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -93,7 +111,36 @@ def _lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             (out, adapter_in), bias = result
     else:
         out, bias = result
-    return out + self.adapter_delta(adapter_in), bias
+    delta = self.adapter_delta(adapter_in)
+    if self.adapter.weight_magnitude is None:
+        return out + delta, bias
+    return _dora_output(self, out, bias, delta), bias
+
+
+def dora_weight_norm(self: Any) -> torch.Tensor:
+    """||W + s B A|| per output row of the global weight (fp32, detached): this rank's rows."""
+    lora = self.adapter
+    with torch.no_grad():
+        delta = lora.linear_out.weight.float() @ lora.linear_in.weight.float()
+        squares = (self.weight.float() + self._lora_scale * delta).square().sum(dim=1)
+        if lora.mode == "row" and parallel_state.get_tensor_model_parallel_world_size() > 1:
+            # A row-parallel rank holds a slice of every row's inputs.
+            dist.all_reduce(squares, group=parallel_state.get_tensor_model_parallel_group())
+        return squares.sqrt()
+
+
+def _dora_output(self: Any, out: torch.Tensor, bias: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
+    """m / ||W + s B A|| * (W x + s B A x), leaving a bias the base added into `out` unscaled (as PEFT)."""
+    m = self.adapter.weight_magnitude
+    # The norm in m's dtype, as PEFT keeps it: m = ||W|| at init then gives exactly 1 under bf16 too.
+    scale = (m / dora_weight_norm(self).to(m.dtype)).to(out.dtype)
+    added = None
+    if bias is None:  # the base added its bias (if it has one) into `out`
+        own = getattr(self, "bias", None)
+        added = own if isinstance(own, torch.Tensor) and own.numel() else None
+    if added is None:
+        return scale * (out + delta)
+    return scale * (out - added + delta) + added
 
 
 def _adapter_delta(self: Any, x: torch.Tensor) -> torch.Tensor:
@@ -125,17 +172,20 @@ def _lora_sharded_state_dict(self: Any, prefix: str = "", sharded_offsets: tuple
     sub = f"{prefix}adapter."
     for key in [k for k in sd if k.startswith(sub)]:
         del sd[key]  # the base made them replicated; replaced by the right layout below
-    axis = {"linear_out.weight": 0} if self.adapter.mode == "column" else {"linear_in.weight": 1}
+    # Column: B and m (output rows) are TP-sharded; row: A (input columns) is, m is replicated.
+    axis = ({"linear_out.weight": 0, "weight_magnitude": 0} if self.adapter.mode == "column"
+            else {"linear_in.weight": 1})
     adapter_sd = make_sharded_tensors_for_checkpoint(
         self.adapter.state_dict(prefix="", keep_vars=True), sub, axis, sharded_offsets,
         tp_group=parallel_state.get_tensor_model_parallel_group())
     if self._lora_gated:
-        # The gated fc1 holds [gate_shard; up_shard] per TP rank: save B as two halves, like the base weight.
+        # The gated fc1 holds [gate_shard; up_shard] per TP rank: save B (and m) as two halves, like the base weight.
         from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 
-        key = f"{sub}linear_out.weight"
-        adapter_sd[key] = apply_swiglu_sharded_factory(
-            adapter_sd[key], sharded_offsets, bool((metadata or {}).get("singleton_local_shards", False)))
+        for key in (f"{sub}linear_out.weight", f"{sub}weight_magnitude"):
+            if key in adapter_sd:
+                adapter_sd[key] = apply_swiglu_sharded_factory(
+                    adapter_sd[key], sharded_offsets, bool((metadata or {}).get("singleton_local_shards", False)))
     sd.update(adapter_sd)
     return sd
 
@@ -153,12 +203,13 @@ def _lora_class(cls: type) -> type:
     return _CLASSES[cls]
 
 
-def _targets(chunk: torch.nn.Module, names: tuple[str, ...]) -> tuple[list[tuple[str, torch.nn.Module, str]], int]:
+def _targets(chunk: torch.nn.Module, names: tuple[str, ...],
+             table: Mapping[str, tuple[str, str]]) -> tuple[list[tuple[str, torch.nn.Module, str]], int]:
     """(qualified name, module, mode) of every target in `chunk`, and how many expert linears were skipped."""
     found, skipped = [], 0
     for qualified, module in chunk.named_modules():
         for name in names:
-            path, mode = TARGETS[name]
+            path, mode = table[name]
             if qualified.endswith("." + path):
                 found.append((qualified, module, mode))
             elif qualified.endswith("." + name) and (".experts." in qualified or ".shared_experts." in qualified):
@@ -173,9 +224,10 @@ def apply_lora(chunks: list[torch.nn.Module], c: Any) -> None:
         for param in chunk.parameters():
             param.requires_grad_(False)
     config = chunks[0].config
+    table = families.get(c.model.architecture).lora_targets
     total, skipped = 0, 0
     for chunk in chunks:
-        targets, n_skipped = _targets(chunk, tuple(p.target_modules))
+        targets, n_skipped = _targets(chunk, tuple(p.target_modules), table)
         skipped += n_skipped
         for qualified, module, mode in targets:
             if getattr(module, "_recipec_lora", False):
@@ -184,8 +236,13 @@ def apply_lora(chunks: list[torch.nn.Module], c: Any) -> None:
             out_features, in_features = weight.shape
             module.__class__ = _lora_class(type(module))
             module.adapter = LoRAAdapter(in_features, out_features, p.lora_rank, mode=mode,
-                                         dtype=config.params_dtype, device=weight.device)
+                                         dtype=config.params_dtype, device=weight.device,
+                                         magnitude=p.method == "dora")
             module._lora_scale = p.lora_alpha / p.lora_rank
+            if module.adapter.weight_magnitude is not None:
+                # m = ||W + s B A|| = ||W|| (B = 0): the base weights are loaded by now; a resume overwrites it.
+                with torch.no_grad():
+                    module.adapter.weight_magnitude.copy_(dora_weight_norm(module))
             module._lora_dropout = p.lora_dropout
             module._lora_sequence_parallel = bool(config.sequence_parallel)
             module._lora_gated = bool(config.gated_linear_unit) and qualified.endswith("mlp.linear_fc1")
@@ -197,9 +254,13 @@ def apply_lora(chunks: list[torch.nn.Module], c: Any) -> None:
                 # The replicated factor sees only this rank's part of the sequence.
                 replicated = module.adapter.linear_in.weight if mode == "column" else module.adapter.linear_out.weight
                 replicated.sequence_parallel = True
+                if mode == "row" and module.adapter.weight_magnitude is not None:
+                    module.adapter.weight_magnitude.sequence_parallel = True
             total += 1
     if not total:
         raise RuntimeError(f"peft.target_modules={list(p.target_modules)} matched no linear layer of this model")
+    if p.method == "dora":
+        log.info(f"DoRA: a trained magnitude vector on each of the {total} adapted linear(s)")
     if skipped:
         log.info(f"LoRA: {skipped} MoE expert linear(s) left without adapters (experts are not adapted yet)")
 

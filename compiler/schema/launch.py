@@ -133,12 +133,19 @@ def launch_rules(launch: LaunchConfig) -> Iterator[tuple[tuple[str, ...], str, s
 
 @attrs.frozen
 class PeftConfig:
-    """Parameter-efficient finetuning; only the adapters train."""
+    """Parameter-efficient finetuning; only the adapters train.
 
-    method: str | None = option(None, "Adapter kind; unset for full training.", choices=("lora",))
+    `lora` adds (alpha / r) * B A to each target weight; `dora` (weight-decomposed LoRA, as PEFT's
+    `use_dora`) also trains a magnitude per output row: W' = m * (W + (alpha / r) B A) / ||W + (alpha / r) B A||,
+    the norm over each row's inputs, m starting at ||W||. Both export merged or as a PEFT adapter
+    (`recipec convert mcore-to-hf --merge-lora | --adapter-only`)."""
+
+    method: str | None = option(None, "Adapter kind (lora, or dora: LoRA plus a trained magnitude per output "
+                                      "row); unset for full training.", choices=("lora", "dora"))
     lora_rank: int = option(16, "LoRA rank r.", min=1, max=MAX_WIDTH)
     lora_alpha: float = option(32.0, "LoRA scaling alpha (update scaled by alpha / r).", min=0.0, max=MAX_FACTOR)
-    lora_dropout: float = option(0.0, "Dropout on the LoRA input.", min=0.0, max=1.0)
+    lora_dropout: float = option(0.0, "Dropout on the LoRA input (dora: on the low-rank path only).",
+                                 min=0.0, max=1.0)
     target_modules: tuple[str, ...] = option(
         ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"),
         "Megatron linear layers that get adapters.",
