@@ -2,8 +2,13 @@
 transformers training loop of the same model on one GPU: all variants in one Python process, or
 with --isolate each in its own child process (nothing, leaked memory included, carries over).
 
-    python bench/gpu_bench.py [--steps 40] [--warmup 10] [--variants hf,bf16,fp8_tensorwise,bf16@8b]
-                              [--out DIR] [--deadline-s SECONDS] [--isolate] [--smoke]
+    python bench/gpu_bench.py [--steps 30] [--warmup 10] [--variants hf,bf16,fp8_tensorwise,bf16@8b]
+                              [--out DIR] [--deadline-s SECONDS] [--isolate] [--cpu --tiny]
+
+What users run: every row takes --gbs-multiple (8) microbatches per optimizer step (global batch =
+micro batch x 8), the transformers loop included (the same gradient accumulation); `+mb1` rows take
+one microbatch per step, a probe of the fixed per-step host and optimizer cost (compare them with
+the same variant without +mb1). `python bench/gpu_bench.py --plan` prints the row plan and exits.
 
 Shapes (a variant's `@shape` suffix; none means 1b):
   1b   the bundled `llama32_1b` recipe (Llama-3.2-1B: 16 layers, hidden 2048, 32 heads, 8 query
@@ -12,8 +17,8 @@ Shapes (a variant's `@shape` suffix; none means 1b):
   8b   the issue-7 "8B layer shape": the `llama3_8b` recipe with model.num_layers=8 (hidden 4096,
        ffn 14336, 32 heads, 8 query groups, vocab 128256, untied) at seq 8192, micro batch 1,
        context parallel 1.
-Both on one GPU (launch.nodes=1, gpus_per_node=1), global batch = micro batch x --gbs-multiple,
-mock data, no checkpoints, no eval.
+Both on one GPU (launch.nodes=1, gpus_per_node=1), global batch = micro batch x --gbs-multiple (8;
+1 for +mb1), mock data, no checkpoints, no eval.
 
 Timing. The transformers loop is timed per step (it reads its loss every step, which syncs the
 device). The runtime is timed from its own metrics.jsonl throughput lines: the recipe's
@@ -30,6 +35,10 @@ Variants (each caught on failure; the error goes into the table and the rest sti
                   params, fp32 master weights and Adam state in Megatron's distributed optimizer.
   fp8_tensorwise  as bf16 + precision.fp8="tensorwise" (TE Float8CurrentScaling, hybrid format).
   fp8_delayed     as bf16 + precision.fp8="delayed" (TE DelayedScaling, amax history 1024).
+  fp8_blockwise   as bf16 + precision.fp8="blockwise", fp8_format="e4m3" (TE Float8BlockScaling,
+                  1x128/128x128 blocks; Hopper or newer and TE >= 2.3).
+                  FP8 rows run only where TE says the GPU supports the recipe; elsewhere the row
+                  says "skipped" and why (not a failure).
   hf_bf16         reference: the transformers loop with pure bf16 params (no fp32 master).
   *_mbs4          the same at micro batch 4 / global batch 4 (an extra data point).
   modifiers       `+name` after the variant, see MODIFIERS (recipe overrides, no patches).
@@ -118,6 +127,10 @@ MODIFIERS = {
     "nofuse": ("runtime.model.TE_WGRAD_FUSION = False: TE linears without fused wgrad accumulation (the "
                "runtime's behaviour before it set fuse_wgrad_accumulation on them; the one bench-side switch, "
                "no recipe key)"),
+    "mb1": ("one microbatch per step (global batch = micro batch): the host-overhead probe; the step's fixed "
+            "cost (optimizer, grad norm, launches) over 1/8 of the tokens"),
+    "pao": ("optimizer.use_precision_aware_optimizer=true, exp_avg_dtype=exp_avg_sq_dtype=\"bf16\" (Megatron's "
+            "precision-aware optimizer in TE's FusedAdam: bf16 Adam moments, fp32 master weights)"),
 }
 
 # The recipe overrides of each modifier (prof depends on --steps; nofuse is a runtime switch).
@@ -130,7 +143,16 @@ MODIFIER_OVERRIDES: dict[str, list[str]] = {
     "cgfull": ['train.cuda_graph="full_iteration"'],
     "local": ['model.transformer_impl="local"'],
     "compile": ["train.torch_compile=true", 'model.transformer_impl="local"'],
+    "pao": ["optimizer.use_precision_aware_optimizer=true", 'optimizer.exp_avg_dtype="bf16"',
+            'optimizer.exp_avg_sq_dtype="bf16"'],
 }
+
+FP8_RECIPES = {"fp8_tensorwise": ("tensorwise", "hybrid"), "fp8_delayed": ("delayed", "hybrid"),
+               "fp8_blockwise": ("blockwise", "e4m3")}
+RUNTIME_BASES = ("bf16", *FP8_RECIPES)
+HF_BASES = ("hf", "hf_bf16")
+DEFAULT_VARIANTS = ("hf,bf16,bf16+mb1,bf16+pao,fp8_tensorwise,fp8_delayed,fp8_blockwise,"
+                    "hf@8b,bf16@8b,bf16@8b+pao,fp8_delayed@8b,fp8_blockwise@8b")
 
 # recipe, fixed overrides, seq and micro batch (None: from the command line)
 SHAPES: dict[str, dict[str, Any]] = {
@@ -144,7 +166,7 @@ def overrides_for(args: argparse.Namespace, variant: str) -> list[str]:
     shape = SHAPES[v.shape]
     seq = shape["seq"] or args.seq
     mbs = 4 if v.mbs4 else (shape["mbs"] or args.micro_batch)
-    gbs = mbs * args.gbs_multiple
+    gbs = mbs * microbatches(args, variant)
     ov = [
         *shape["overrides"],
         f"model.seq_length={seq}",
@@ -168,16 +190,74 @@ def overrides_for(args: argparse.Namespace, variant: str) -> list[str]:
     if "prof" in v.mods:
         ov += ["profiling.use_torch_profiler=true", f"profiling.profile_step_start={args.steps - 6}",
                f"profiling.profile_step_end={args.steps - 4}"]
-    if v.base == "fp8_tensorwise":
-        ov += ['precision.fp8="tensorwise"', 'precision.fp8_format="hybrid"']
-    elif v.base == "fp8_delayed":
-        ov += ['precision.fp8="delayed"', 'precision.fp8_format="hybrid"']
-    if args.smoke:  # tiny shape so the script itself can be checked on a CPU box
+    if v.base in FP8_RECIPES:
+        recipe, fmt = FP8_RECIPES[v.base]
+        ov += [f'precision.fp8="{recipe}"', f'precision.fp8_format="{fmt}"']
+    if args.tiny:  # tiny shape so the script itself can be checked on a CPU box
         ov += ["model.num_layers=2", "model.hidden_size=128", "model.ffn_hidden_size=256",
                "model.num_attention_heads=4", "model.num_query_groups=2", "model.kv_channels=32",
-               "model.vocab_size=512", "launch.accelerator=\"cpu\""]
+               "model.vocab_size=512"]
         ov = [o for o in ov if not o.startswith("model.seq_length=")] + [f"model.seq_length={args.seq}"]
+    if args.cpu:
+        ov.append('launch.accelerator="cpu"')
     return ov
+
+
+def microbatches(args: argparse.Namespace, variant: str) -> int:
+    """Microbatches per optimizer step: --gbs-multiple (8: what users run), 1 for the +mb1 probe."""
+    return 1 if "mb1" in split_variant(variant).mods else args.gbs_multiple
+
+
+def row_plan(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every row this run will measure: variant, microbatches per step, recipe and overrides
+    (checked on CPU by tests/bench/test_benches.py; `--plan` prints it)."""
+    rows = []
+    for variant in (v.strip() for v in args.variants.split(",") if v.strip()):
+        v = split_variant(variant)
+        rows.append({"variant": variant, "kind": "transformers" if v.base in HF_BASES else "runtime",
+                     "microbatches": microbatches(args, variant), "recipe": SHAPES[v.shape]["recipe"],
+                     "overrides": overrides_for(args, variant)})
+    return rows
+
+
+def unsupported(variant: str) -> str | None:
+    """Why this machine cannot run the variant (an FP8 recipe the GPU or TE lacks, the precision-
+    aware optimizer without TE on CUDA), or None. Asked in the process that runs the row."""
+    v = split_variant(variant)
+    if v.base not in FP8_RECIPES and "pao" not in v.mods:
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    try:
+        import transformer_engine
+        import transformer_engine.pytorch
+    except Exception as exc:  # noqa: BLE001 - any import failure means no TE here
+        return f"needs Transformer Engine ({type(exc).__name__}: {str(exc)[:80]})"
+    if v.base not in FP8_RECIPES:
+        return None
+    recipe = FP8_RECIPES[v.base][0]
+    check = {"blockwise": "check_fp8_block_scaling_support"}.get(recipe, "check_fp8_support")
+    import importlib
+
+    for module in ("transformer_engine.pytorch.quantization", "transformer_engine.pytorch.fp8"):
+        try:
+            fn = getattr(importlib.import_module(module), check, None)
+        except Exception:  # noqa: BLE001, S112 - another TE layout
+            continue
+        if fn is not None:
+            ok, reason = fn()
+            return None if ok else f"TE: {reason} (capability {torch.cuda.get_device_capability()})"
+    cap = torch.cuda.get_device_capability()
+    if cap < (8, 9):
+        return f"FP8 needs compute capability 8.9+ (Ada/Hopper), this GPU has {cap[0]}.{cap[1]}"
+    if recipe == "blockwise":
+        te_version = tuple(int(x) for x in transformer_engine.__version__.split(".")[:2] if x.isdigit())
+        if cap < (9, 0) or te_version < (2, 3):
+            return (f"FP8 blockwise needs Hopper+ (capability 9.0) and TE >= 2.3; here {cap[0]}.{cap[1]}, "
+                    f"TE {transformer_engine.__version__}")
+    return None
 
 
 def safe_name(variant: str) -> str:
@@ -512,6 +592,7 @@ LABELS = {
     "bf16": "(b) recipec runtime, {spec}, bf16 (dist. optimizer, fp32 master)",
     "fp8_tensorwise": "(c) recipec runtime, {spec}, FP8 tensorwise (current scaling)",
     "fp8_delayed": "(c) recipec runtime, {spec}, FP8 delayed scaling",
+    "fp8_blockwise": "(c) recipec runtime, {spec}, FP8 blockwise (1x128/128x128 blocks)",
     "hf_bf16": "reference: transformers loop with pure bf16 params + fused AdamW (no fp32 master)",
 }
 
@@ -524,13 +605,15 @@ def label(variant: str, r: dict[str, Any]) -> str:
 
 
 def reference_of(variant: str, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The plain transformers loop (fp32 master) at the same shape and micro batch."""
+    """The plain transformers loop (fp32 master) at the same shape and micro batch, with the same
+    microbatches per step when that row exists (hf+mb1 for a +mb1 row), else the default one."""
     v = split_variant(variant)
+    found: dict[bool, dict[str, Any]] = {}
     for name, r in results.items():
         w = split_variant(name)
-        if w.base == "hf" and w.mbs4 == v.mbs4 and w.shape == v.shape and not w.mods:
-            return r
-    return {}
+        if w.base == "hf" and w.mbs4 == v.mbs4 and w.shape == v.shape and w.mods <= {"mb1"}:
+            found.setdefault("mb1" in w.mods, r)
+    return found.get("mb1" in v.mods) or found.get(False) or {}
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
@@ -543,8 +626,9 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         ref = reference_of(variant, results)
         shape = r.get("shape", "")
         name = split_variant(variant).shape
-        if "error" in r:
-            lines.append(f"| {label(variant, r)} | {name} | {shape} | failed: {r['error']} | | | | | | | | | |")
+        if "error" in r or "unsupported" in r:
+            why = f"failed: {r['error']}" if "error" in r else f"skipped: {r['unsupported']}"
+            lines.append(f"| {label(variant, r)} | {name} | {shape} | {why} | | | | | | | | | |")
             continue
         ratio = (f"{r['tflops_per_gpu'] / ref['tflops_per_gpu']:.2f}x"
                  if ref.get("tflops_per_gpu") and ref is not r else ("1.00x" if ref is r else "n/a"))
@@ -588,10 +672,14 @@ def run_one(args: argparse.Namespace, variant: str, port: int) -> dict[str, Any]
     saved_env = dict(os.environ)
     t0 = time.perf_counter()
     try:
+        why = unsupported(variant)
+        if why:
+            print(f"--- {variant}: skipped: {why}", flush=True)
+            return {"unsupported": why, "wall_s": time.perf_counter() - t0}
         compiled, build_dir = compile_variant(args, variant)
         shape = f"{compiled.config.train.micro_batch_size} x {compiled.config.model.seq_length}"
         base = split_variant(variant).base
-        if base in ("hf", "hf_bf16"):
+        if base in HF_BASES:
             res = run_hf(args, compiled, pure_bf16=base == "hf_bf16")
         else:
             res = run_runtime(args, variant, compiled, build_dir, port)
@@ -655,12 +743,13 @@ def run_child(args: argparse.Namespace, argv: list[str], variant: str, start: fl
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", default="hf,bf16,bf16+nonan,fp8_tensorwise,fp8_tensorwise+nonan")
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--variants", default=DEFAULT_VARIANTS)
+    p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=10, help="steps discarded from timing (a multiple of the log interval)")
     p.add_argument("--seq", type=int, default=4096, help="sequence length of the 1b shape")
     p.add_argument("--micro-batch", type=int, default=2, help="micro batch of the 1b shape")
-    p.add_argument("--gbs-multiple", type=int, default=1, help="global batch = micro batch x this")
+    p.add_argument("--gbs-multiple", type=int, default=8,
+                   help="microbatches per step: global batch = micro batch x this (+mb1 rows: 1)")
     p.add_argument("--log-interval", type=int, default=0,
                    help="logging.log_interval for the runtime (0: the recipe's own, 10 as shipped)")
     p.add_argument("--out", default=os.environ.get("OUT") or "runs/gpu_bench")
@@ -668,16 +757,24 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip variants not started within this many seconds (0: no limit)")
     p.add_argument("--grace-s", type=float, default=90.0,
                    help="with --isolate and --deadline-s: a child still running at deadline + this is killed")
-    p.add_argument("--smoke", action="store_true", help="tiny model, for checking the script on CPU")
+    p.add_argument("--smoke", action="store_true", help="= --cpu --tiny")
+    p.add_argument("--cpu", action="store_true", help='launch.accelerator="cpu" (the runtime on gloo)')
+    p.add_argument("--tiny", action="store_true", help="a 2-layer hidden-128 model at seq 64 (with --cpu: smoke)")
+    p.add_argument("--plan", action="store_true", help="print the row plan as JSON and exit (no torch)")
     p.add_argument("--isolate", action="store_true",
                    help="run each variant in its own child process (no state or leaked memory carried over)")
     p.add_argument("--child-json", help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     if args.smoke:
+        args.cpu = args.tiny = True
+    if args.tiny:
         args.seq = 64
 
     _import_recipec()
+    if args.plan:
+        print(json.dumps(row_plan(args), indent=1))
+        return 0
     from recipec.runtime import train
 
     train._setup_logging()
@@ -719,6 +816,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"+{m}: {MODIFIERS[m]}")
     print(table(results), flush=True)
     print(loss_check(results), flush=True)
+    skipped = {v: r["unsupported"] for v, r in results.items() if "unsupported" in r}
+    if skipped:
+        print("skipped (not supported here): " + "; ".join(f"{v}: {why}" for v, why in skipped.items()))
     return 0 if all("error" not in r for r in results.values()) else 1
 
 
