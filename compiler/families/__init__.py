@@ -7,13 +7,12 @@ Torch-free, like the whole compiler; the modules are imported on first use only.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Iterator
 from functools import cache
 from typing import TYPE_CHECKING
 
 from ..errors import Problem, RecipeError, did_you_mean
+from ..plugins import collect
 from .base import Family, FamilyProblem, ModelFields
 
 if TYPE_CHECKING:
@@ -24,16 +23,7 @@ __all__ = ["Family", "FamilyProblem", "ModelFields", "all_families", "check", "f
 
 @cache
 def _registry() -> dict[str, Family]:
-    found: dict[str, Family] = {}
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        if info.name.startswith("_") or info.name == "base":
-            continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        for family in getattr(module, "FAMILIES", ()):
-            if family.name in found:
-                raise RuntimeError(f"model family {family.name!r} is defined twice ({module.__name__})")
-            found[family.name] = family
-    return found
+    return collect(__name__, __path__, "FAMILIES", "model family")
 
 
 def all_families() -> tuple[Family, ...]:

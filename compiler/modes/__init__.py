@@ -28,10 +28,9 @@ def _discover() -> dict[str, str]:
     """train.mode value -> module of this package that defines MODE: every module whose name does
     not start with "_", except `base` (no central list: adding a mode is adding its module). The
     modules are not imported here, so `recipec build` pays only for the mode it compiles."""
-    import pkgutil
+    from ..plugins import plugin_modules
 
-    names = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_") and m.name != "base")
-    return {name: name for name in names}
+    return {name: name for name in plugin_modules(__path__)}
 
 
 MODES: dict[str, str] = _discover()

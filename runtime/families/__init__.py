@@ -6,11 +6,10 @@ family is a new module, never an edit of a central table.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from functools import cache
 
 from recipec.compiler.errors import RecipeError, did_you_mean
+from recipec.compiler.plugins import collect
 
 from .base import RuntimeFamily, SpecContext
 
@@ -19,16 +18,7 @@ __all__ = ["RuntimeFamily", "SpecContext", "all_families", "get"]
 
 @cache
 def _registry() -> dict[str, RuntimeFamily]:
-    found: dict[str, RuntimeFamily] = {}
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        if info.name.startswith("_") or info.name == "base":
-            continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        for family in getattr(module, "FAMILIES", ()):
-            if family.name in found:
-                raise RuntimeError(f"runtime family {family.name!r} is defined twice ({module.__name__})")
-            found[family.name] = family
-    return found
+    return collect(__name__, __path__, "FAMILIES", "runtime family")
 
 
 def all_families() -> tuple[RuntimeFamily, ...]:
