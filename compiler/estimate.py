@@ -62,6 +62,7 @@ def count_params(model: ModelConfig, vocab: int) -> ParamCount:
         bias = ((2 if model.gated_linear_unit else 1) * ffn + h) if model.add_bias_linear else 0
         return up + ffn * h + bias
 
+    layer_norms = 4 if model.sandwich_norm else 2  # Gemma's sandwich: a norm after attention and MLP too
     experts = 0
     first_dense = dense_layer = 0
     if model.is_moe:
@@ -71,14 +72,14 @@ def count_params(model: ModelConfig, vocab: int) -> ParamCount:
             dense += mlp(model.moe_shared_expert_intermediate_size)
         experts = model.num_moe_experts * mlp(model.moe_ffn_hidden_size)
         first_dense = min(model.moe_first_k_dense, model.num_layers)
-        dense_layer = attention + 2 * norm + mlp(model.ffn_hidden_size)
+        dense_layer = attention + layer_norms * norm + mlp(model.ffn_hidden_size)
     else:
         dense = mlp(model.ffn_hidden_size)
     embedding = vocab * h
     if model.position_embedding_type == "learned_absolute":
         embedding += (model.max_position_embeddings or model.seq_length) * h
     output = 0 if model.share_embeddings_and_output_weights else vocab * h
-    per_layer_dense = attention + 2 * norm + dense
+    per_layer_dense = attention + layer_norms * norm + dense
     # Multi-token prediction (Megatron's MultiTokenPredictionLayer): enorm, hnorm, eh_proj (2h -> h),
     # one decoder layer like the last one, a final norm; it shares the embedding and output layer.
     mtp = model.mtp_num_layers or 0
@@ -145,7 +146,7 @@ def model_flops(m: ModelConfig, b: int, vocab: int) -> int:
     s, layers, h = m.seq_length, m.num_layers, m.hidden_size
     glu = 1.5 if m.gated_linear_unit else 1.0
     query_ratio = m.kv_channels * m.num_attention_heads / h
-    attention = (1 + m.num_query_groups / m.num_attention_heads + s / h) * query_ratio
+    attention = (1 + m.num_query_groups / m.num_attention_heads + _keys_per_query(m) / h) * query_ratio
     ffn = m.moe_ffn_hidden_size if m.is_moe else m.ffn_hidden_size
     assert ffn is not None
     routed = m.moe_router_topk if m.is_moe else 1
@@ -155,6 +156,19 @@ def model_flops(m: ModelConfig, b: int, vocab: int) -> int:
     if m.multi_latent_attention or (m.is_moe and m.moe_first_k_dense) or m.mtp_num_layers:
         return _latent_moe_flops(m, b, vocab)
     return int(12 * b * s * layers * h * h * (attention + mlp + shared + logits))
+
+
+def _keys_per_query(m: ModelConfig) -> float:
+    """The formula's s in its score and context matmuls, averaged over layers: a sliding-window layer
+    computes min(s, window + 1) keys per query (Megatron's window (w, 0) includes the query itself);
+    with window_attn_skip_freq N every Nth layer is global."""
+    s = m.seq_length
+    if m.window_size is None:
+        return float(s)
+    every = m.window_attn_skip_freq
+    global_layers = m.num_layers // every if every else 0
+    windowed = m.num_layers - global_layers
+    return (global_layers * s + windowed * min(s, m.window_size + 1)) / m.num_layers
 
 
 def _latent_moe_flops(m: ModelConfig, b: int, vocab: int) -> int:

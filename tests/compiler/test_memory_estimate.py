@@ -15,7 +15,7 @@ import pytest
 
 from recipec.compiler import build
 
-RESULTS = sorted((Path(__file__).parents[2] / "bench" / "results").glob("*.json"))
+RESULTS = sorted((Path(__file__).parents[2] / "bench" / "results").glob("gpu_bench_*.json"))
 
 
 def _measured_rows() -> list[tuple[str, str, list[str], float]]:
