@@ -55,7 +55,13 @@ def _import_yarn(c: HFConfig, m: ModelFields) -> None:
     """YaRN as transformers applies it to DeepSeek (rope_parameters in 5.x, rope_scaling in 4.x)."""
     d.import_rope(c, m, yarn=True)
     if m.get("rope_scaling") is None:
-        return
+        # The _base/deepseek_v* recipe the import extends sets YaRN, and a recipe file cannot unset a key:
+        # the import would silently keep the base's YaRN (logits off by ~5e-3 on a tiny model).
+        where = "rope_parameters.rope_type" if c.table("rope_parameters") is not None else "rope_scaling"
+        raise fail(where, "DeepSeek with plain RoPE (no YaRN) cannot be imported yet: the DeepSeek base recipe "
+                   "sets YaRN and an imported recipe cannot unset it",
+                   hint="write the recipe by hand (extends _base/pretrain, every [model] key set), or import a "
+                   "config with YaRN scaling")
     _theta, scaling, _ = d.rope_parameters(c)
     assert scaling is not None
     where = scaling.prefix
@@ -95,6 +101,11 @@ def _import_experts(c: HFConfig, m: ModelFields) -> int | None:
 
 
 def _import_v3(c: HFConfig, m: ModelFields) -> None:
+    if "q_lora_rank" in c.data and c.data["q_lora_rank"] is None:  # absent: transformers' 1536, the base's
+        # same cause as plain RoPE in _import_yarn
+        raise fail("q_lora_rank", "DeepSeek-V3 without a q LoRA (q_lora_rank null) cannot be imported yet: the "
+                   "DeepSeek-V3 base recipe sets q_lora_rank = 1536 and an imported recipe cannot unset it",
+                   hint="write the recipe by hand (extends _base/pretrain, every [model] key set)")
     _import_common(c, m)
     topk = _import_experts(c, m)
     if topk is None:

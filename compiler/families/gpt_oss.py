@@ -59,7 +59,11 @@ def _import_window(c: HFConfig, m: ModelFields, num_layers: int) -> None:
         raise fail("layer_types", f"layer_types must list {num_layers} entries of {SLIDING!r}/{FULL!r}, got "
                    f"{shown(repr(types), 120)}")
     if SLIDING not in types:
-        return
+        # _base/gpt_oss.toml sets window_size 127, and an imported recipe cannot unset a key: the import
+        # would silently keep that window (found by tests/hf/test_new_user_families.py).
+        raise fail("layer_types", "GPT-OSS without sliding-window layers cannot be imported yet: the gpt_oss base "
+                   "recipe sets a 128-token window and an imported recipe cannot unset it",
+                   hint="write the recipe by hand (extends _base/pretrain, every [model] key set)")
     if "sliding_window" in c.data and c.data["sliding_window"] is None:
         raise fail("sliding_window", "sliding_window is null but layer_types has sliding layers",
                    hint="give the window (gpt-oss: 128) or make every layer full_attention")
@@ -81,8 +85,11 @@ def _import_rope(c: HFConfig, m: ModelFields) -> None:
         c = HFConfig({**c.data, "rope_theta": DEFAULT_THETA}, c.prefix)
     d.import_rope(c, m, yarn=True)
     _theta, scaling, _field = d.rope_parameters(c)
-    if scaling is None:
-        return
+    if scaling is None:  # same cause as full attention everywhere in _import_window
+        where = "rope_parameters.rope_type" if c.table("rope_parameters") is not None else "rope_scaling"
+        raise fail(where, "GPT-OSS with plain RoPE (no YaRN) cannot be imported yet: the gpt_oss base recipe sets "
+                   "YaRN and an imported recipe cannot unset it",
+                   hint="write the recipe by hand (extends _base/pretrain, every [model] key set)")
     if scaling.has("attention_factor"):
         raise fail(f"{scaling.prefix}attention_factor", "an explicit YaRN attention_factor cannot be expressed: "
                    "Megatron derives it from factor (and mscale/mscale_all_dim)")

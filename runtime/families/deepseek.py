@@ -113,9 +113,29 @@ def _mla_without_te() -> None:
 
 _mla_without_te()
 
+# transformers (and DeepSeek's own modeling code) build q_a_layernorm / kv_a_layernorm with RMSNorm's
+# default eps, not rms_norm_eps; Megatron's MLA gives them layernorm_epsilon. Equal for the published
+# models (rms_norm_eps 1e-6); a config with another rms_norm_eps differed by ~1e-4 in the logits
+# (found by tests/hf/test_new_user_families.py).
+LATENT_NORM_EPS = 1e-6
+
+
+def post_build(model: Any, _model_config: Any) -> None:
+    """The latent norms' eps as transformers fixes it, in every MLA block (MTP layers too): the local
+    spec's q/kv_layernorm, or the Transformer Engine spec's norms fused into linear_q_up_proj /
+    linear_kv_up_proj (LayerNormLinear, which keeps `eps` and a `layer_norm_weight`)."""
+    for module in model.modules():
+        if not hasattr(module, "linear_kv_down_proj"):  # not a MultiLatentAttention
+            continue
+        for name in ("q_layernorm", "kv_layernorm", "linear_q_up_proj", "linear_kv_up_proj"):
+            norm = getattr(module, name, None)
+            fused = name.startswith("linear_") and hasattr(norm, "layer_norm_weight")
+            if hasattr(norm, "eps") and (fused or name.endswith("layernorm")):
+                norm.eps = LATENT_NORM_EPS
+
 
 FAMILIES = tuple(
     RuntimeFamily(name=name, weights=weights, checkpoint_aliases=CHECKPOINT_ALIASES, lora_targets=LORA_TARGETS,
-                  config_kwargs=config_kwargs)
+                  config_kwargs=config_kwargs, post_build=post_build)
     for name, weights in (("deepseek_v3", V3_WEIGHTS), ("deepseek_v2", V2_WEIGHTS))
 )
