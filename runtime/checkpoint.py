@@ -15,7 +15,10 @@ from the manifest's model record before anything is read, or from Megatron's sha
 mismatch errors for older manifests; ckpt_compat) and one saved under a layout its optimizer
 state cannot be resharded from. Both stop the run (exit 2) and leave the checkpoints as they are.
 Loads log what they read and how long verifying and loading took; the LR schedule a resumed run
-follows is the saved one (ckpt_state.restore_schedule) and is logged too.
+follows is the saved one (ckpt_state.restore_schedule) and is logged too. Under data parallelism
+the load is fully parallel (ckpt_state.load_strategy): each DP rank reads its share of the tensors
+and the ranks exchange the rest; a failed read is every rank's failure (torch DCP gathers it), so
+the fallback above still holds.
 """
 
 from __future__ import annotations
@@ -43,7 +46,13 @@ from .ckpt_save import (
     prune,
     step_dir,
 )
-from .ckpt_state import layout, restore_rng, restore_schedule, sharded_state
+from .ckpt_state import (
+    layout,
+    load_strategy,
+    restore_rng,
+    restore_schedule,
+    sharded_state,
+)
 from .device import prime_optimizer_state_for_load
 from .logs import size as human_size
 
@@ -283,7 +292,13 @@ def _load(load: _Load, chunks: list[Any], optimizer: Any, scheduler: Any) -> tup
     with torch.no_grad():
         state = sharded_state(chunks, optimizer, scheduler, loading=True, with_optimizer=with_optimizer,
                               with_rng=same_layout, sharding=sharding)
-        loaded = dist_checkpointing.load(state, str(directory))
+        strategy = load_strategy(str(directory))
+        loaded = dist_checkpointing.load(state, str(directory), sharded_strategy=strategy)
+    if strategy is not None and strategy.shares and dist.get_rank() == 0:
+        total = sum(strategy.shares)
+        split = ", ".join(f"{100 * n / max(total, 1):.0f}%" for n in strategy.shares)
+        log.info(f"parallel load over {len(strategy.shares)} data-parallel ranks: each read its share of "
+                 f"{human_size(total)} of tensors ({split})")
     for i, chunk in enumerate(chunks):
         getattr(chunk, "module", chunk).load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=True)
     schedule = ""
@@ -296,9 +311,11 @@ def _load(load: _Load, chunks: list[Any], optimizer: Any, scheduler: Any) -> tup
 
 
 def save(root: Path, step: int, chunks: list[Any], optimizer: Any, scheduler: Any, fingerprint: str,
-         keep_last: int | None, sharding: str, device: torch.device | None = None) -> Path:
-    """Write checkpoint `step` and complete it before returning (the training loop uses Saver)."""
-    saver = Saver(root, fingerprint, keep_last, sharding, device or torch.device("cpu"))
+         keep_last: int | None, sharding: str, device: torch.device | None = None,
+         model: dict[str, Any] | None = None) -> Path:
+    """Write checkpoint `step` and complete it before returning (the training loop uses Saver).
+    optimizer None: the weights only (hf-to-mcore); model: the manifest's model record (Saver)."""
+    saver = Saver(root, fingerprint, keep_last, sharding, device or torch.device("cpu"), model=model)
     saver.save(step, chunks, optimizer, scheduler)
     final = saver.finish()
     assert final is not None

@@ -6,15 +6,19 @@ sharding), so save and resume can never disagree about what a checkpoint contain
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import (
+    get_default_load_sharded_strategy,
     get_default_save_sharded_strategy,
 )
 from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+    FullyParallelLoadStrategyWrapper,
     FullyParallelSaveStrategyWrapper,
 )
 
@@ -36,6 +40,44 @@ def save_strategy() -> Any:
     if parallel_state.get_data_parallel_world_size(with_context_parallel=True) == 1:
         return base
     return FullyParallelSaveStrategyWrapper(base, parallel_state.get_data_parallel_group(with_context_parallel=True))
+
+
+class ParallelLoad(FullyParallelLoadStrategyWrapper):
+    """Megatron's fully parallel load, remembering how many tensor bytes each DP rank reads.
+
+    Megatron plans the reads deterministically on every rank (one metadata all-gather), so the
+    plan alone tells every rank everyone's share: `shares` needs no extra collective, which
+    matters because a collective outside the load could hang beside a rank whose load failed."""
+
+    shares: list[int] | None = None
+
+    def apply_loading_parallelization(self, sharded_state_dict: Any) -> Any:
+        plan = super().apply_loading_parallelization(sharded_state_dict)
+        if plan is not None:
+            shares = [0] * dist.get_world_size(self.parallelization_group)
+            for shard, rank in plan.main_rank_for_shard.items():
+                meta = plan.shard_to_metadata[shard]
+                shares[rank] += math.prod(meta.local_shape) * meta.dtype.itemsize
+            self.shares = shares
+        return plan
+
+
+def load_strategy(directory: str) -> ParallelLoad | None:
+    """Megatron's torch_dist load strategy spread over the data-parallel ranks (as Megatron-LM's
+    --ckpt-fully-parallel-load), None (Megatron's default) without data parallelism.
+
+    Each DP rank (context parallel included: those ranks hold the same replicated tensors too)
+    reads its share of the tensors and the ranks exchange the rest. The exchange is Megatron's
+    "broadcast" on GPUs (NCCL, CUDA tensors); on CPU it is "gather_object" (one all_gather_object
+    of the loaded tensors over gloo): "broadcast" and "gather_rounds" call `Tensor.cuda()` on the
+    loaded tensors, which CPU mode does not redirect, so the reading rank raised while the others
+    waited in the broadcast for it, and the resume hung (device.py redirects factories and
+    torch.cuda.*, not tensor methods)."""
+    if parallel_state.get_data_parallel_world_size(with_context_parallel=True) == 1:
+        return None
+    exchange = "broadcast" if torch.cuda.is_available() else "gather_object"
+    return ParallelLoad(get_default_load_sharded_strategy(directory),
+                        parallel_state.get_data_parallel_group(with_context_parallel=True), exchange_algo=exchange)
 
 
 def _rng_state() -> ShardedObject:

@@ -3,7 +3,9 @@
 A background write must never become `latest` before it is complete: kill -9 of the whole
 process group while a write is in flight resumes from the previous checkpoint; SIGTERM while a
 write is in flight completes it and exits 0; resumed losses equal the uninterrupted run's; and
-a save spread over two data-parallel ranks (each writes its share) resumes under one.
+a save spread over two data-parallel ranks (each writes its share) resumes under one. Saves and
+loads are fully parallel over the data-parallel ranks: a DP=2 resume reads a share on each rank
+(ckpt_state.load_strategy), and a checkpoint whose load fails under it falls back, never hangs.
 
 The tiny model's write takes milliseconds, so the kill and the stop use the writer's test hook
 (ckpt_workers.WRITE_DELAY_ENV) to keep a write in flight for a few seconds. All runs share one
@@ -13,6 +15,8 @@ schedule (lr_decay_iters=10), so steps of different runs compare.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -41,6 +45,8 @@ COMMON = ("checkpoint.async_save=true", "scheduler.lr_decay_iters=10", "logging.
           "optimizer.use_distributed_optimizer=true")
 SAVING = re.compile(r"saving checkpoint step (\d+) in the background to \S+: training paused (\d+) ms")
 SAVED = re.compile(r"saved checkpoint \S+iter_(\d+) \([\d.]+ \w+, written in the background at [\d.]+ \w+/s")
+PARALLEL_LOAD = re.compile(r"parallel load over 2 data-parallel ranks: each read its share of [\d.]+ \w+ of tensors "
+                           r"\((\d+)%, (\d+)%\)")
 
 
 class Run:
@@ -125,6 +131,13 @@ def _assert_close(got: dict[int, float], want: dict[int, float], steps: range, w
     assert max(diffs.values()) <= TOL, f"{what}: |diff| per step {diffs}"
 
 
+def _assert_read_in_parallel(output: str) -> None:
+    """Both DP ranks read part of the checkpoint's tensors, neither all of them."""
+    shares = PARALLEL_LOAD.search(output)
+    assert shares, output[-4000:]
+    assert all(0 < int(share) < 100 for share in shares.groups()), shares.group(0)
+
+
 def _complete(run: Run, step: int) -> None:
     assert verify(run.step_dir(step)) is None, f"iter_{step} does not verify"
     assert not list(run.ckpt.glob(".tmp_iter_*")), "a partial checkpoint directory was left behind"
@@ -168,6 +181,7 @@ def test_kill_9_during_a_background_write_resumes_from_the_previous_checkpoint(r
     output = run.run()
     assert re.search(r"resumed from \S+iter_0000005 at step 5\b", output), output[-4000:]
     assert "iter_0000010 is unusable" not in output  # the partial write was never a candidate
+    _assert_read_in_parallel(output)
     _assert_close(run.losses(), reference.losses(), range(6, 16), "resumed at 5 after kill -9 mid-write")
     for step in (5, 10, 15):
         _complete(run, step)
@@ -205,5 +219,29 @@ def test_checkpoint_saved_under_dp2_resumes_under_dp1(root: Path, reference: Run
     shutil.rmtree(run.step_dir(15))
     output = run.run()
     assert re.search(r"resumed from \S+iter_0000010 at step 10\b", output), output[-4000:]
+    assert "parallel load" not in output  # one rank reads it all
     _assert_close(run.losses(), reference.losses(), range(11, 16), "DP=2 checkpoint resumed under DP=1")
+    _complete(run, 15)
+
+
+def test_a_load_failing_under_parallel_load_falls_back_without_hanging(root: Path, reference: Run) -> None:
+    # iter_15 with a damaged zip header the manifest agrees with: only the load notices, on the
+    # rank its plan gives that file's tensors (torch DCP makes the failure every rank's).
+    run = Run(root, "damaged", 2, "train.train_iters=15")
+    shutil.copytree(reference.ckpt, run.ckpt)
+    victim = run.step_dir(15) / "__1_0.distcp"
+    data = bytearray(victim.read_bytes())
+    data[:64] = bytes(b ^ 0xFF for b in data[:64])
+    victim.write_bytes(bytes(data))
+    path = run.step_dir(15) / "recipec_manifest.json"
+    meta = json.loads(path.read_text())
+    meta["files"][victim.name]["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+    path.write_text(json.dumps(meta))
+
+    output = run.run(timeout=240)
+    assert "iter_0000015 is unusable" in output and "CheckpointException" in output, output[-4000:]
+    assert re.search(r"resumed from \S+iter_0000010 at step 10\b", output), output[-4000:]
+    _assert_read_in_parallel(output)
+    _assert_close(run.losses(), reference.losses(), range(11, 16), "DP=2 resume after a failed parallel load")
+    assert (run.ckpt / "iter_0000015.bad").is_dir()
     _complete(run, 15)
