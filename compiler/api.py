@@ -172,6 +172,29 @@ def build(
     return compile_tree(tree, artifact_dir=artifact_dir)
 
 
+def compile_for_hf(recipe: str | FsPath | None, overrides: Sequence[str] = (), *, overlays: Sequence[str] = (),
+                   hf_dir: str | FsPath | None = None) -> Compiled:
+    """The recipe a weight conversion (`recipec convert ...`) works with: `recipe` (+overrides and
+    overlays) like `build`, or without one, the recipe `recipec import-hf` makes for `hf_dir` (so its
+    precision.dtype is the weights' own and HF -> mcore -> HF gives back the same bits).
+
+    The one place a conversion's recipe is compiled: the CLI hands this to the runtime's convert
+    commands (compiler/cli.py RUNTIME_COMMANDS), which never call `build` themselves."""
+    if recipe is None:
+        if hf_dir is None:
+            raise RecipeError.of([Problem(RecipeError, "--recipe is required (the model's shape comes from it)",
+                                          hint="pass --recipe R.toml, e.g. the one `recipec import-hf` wrote")])
+        import tempfile
+
+        from .hf_import import recipe_from_hf
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = FsPath(tmp) / "imported.toml"
+            path.write_text(recipe_from_hf(str(hf_dir), name="imported"), encoding="utf-8")
+            return build(path, tuple(overrides), overlays=tuple(overlays))
+    return build(recipe, tuple(overrides), overlays=tuple(overlays))
+
+
 def _set_in(tree: Tree, path: tuple[str, ...], file: FsPath) -> bool:
     """Whether the top recipe file itself set `path` (parents' names are not inherited)."""
     source = tree.source(path)

@@ -6,16 +6,18 @@ import importlib
 import json
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import click
 
-from .api import Compiled, build
+from .api import Compiled, build, compile_for_hf
 from .cli_base import USER_ERROR, fail, user_errors
 from .cli_base import files as _files
 from .cli_base import overrides as _overrides
 from .errors import Problem, RecipeError
 from .executors import executor_for
+from .schema import RecipeConfig
 from .text import shown
 
 # The shared conventions (also used by the runtime's commands, which must not import this module).
@@ -184,12 +186,24 @@ def import_hf_cmd(path: str, out: str | None, base: str) -> None:
 
 # Commands that need torch (the runtime extra), declared here by "module:function" and imported only
 # when one runs, so that the compiler imports nothing from runtime/ and `recipec build` never loads
-# torch. Each function takes the command's arguments (a list of strings) and returns the exit status.
+# torch. Each function takes the command's arguments (a list of strings) and `compiler`, the CLI's
+# recipe compiler (_compile_for_runtime), and returns the exit status: the CLI compiles, the runtime
+# receives the frozen config (it never calls `build` itself).
 RUNTIME_COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("recipec.runtime.hf.cli:main",
                 ("Weights: `convert hf-to-mcore HF_DIR -o CKPT` | `convert mcore-to-hf CKPT --recipe R -o HF_OUT` | "
                  "`convert verify CKPT HF_DIR --recipe R` (needs torch).")),
 }
+
+
+def _compile_for_runtime(recipe: str | None, overrides: Sequence[str], files: Sequence[str],
+                         hf_dir: str | os.PathLike[str] | None) -> RecipeConfig:
+    """What a runtime command is handed to compile its recipe: compile_for_hf (a recipe, or without
+    one the import-hf recipe of hf_dir), its warnings printed like every command's."""
+    compiled = compile_for_hf(recipe, tuple(overrides), overlays=tuple(files), hf_dir=hf_dir)
+    for warning in compiled.warnings:
+        click.echo(f"recipec: warning: {warning}", err=True)
+    return compiled.config
 
 
 def _runtime_command(name: str, target: str, summary: str) -> click.Command:
@@ -203,7 +217,7 @@ def _runtime_command(name: str, target: str, summary: str) -> click.Command:
             click.echo(f"recipec: error: `recipec {name}` needs the runtime (torch, megatron-core, safetensors): "
                        f"{exc}\n   hint: pip install 'recipec[runtime]'", err=True)
             sys.exit(USER_ERROR)
-        sys.exit(getattr(module, function)(list(args)))
+        sys.exit(getattr(module, function)(list(args), compiler=_compile_for_runtime))
 
     run.__doc__ = summary
     command = click.command(name, add_help_option=False, help=summary,

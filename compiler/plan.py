@@ -8,12 +8,14 @@ refused here, with the numbers, rather than after a job queues.
 
 from __future__ import annotations
 
+import math
 import shlex
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
 
-from .errors import Problem, ValidationError
+from .errors import ArtifactError, Problem, ValidationError
 from .estimate import (
     GIB,
     active_params,
@@ -27,9 +29,54 @@ from .rendezvous import JOIN_TIMEOUT_S
 from .schema import RecipeConfig
 from .shell import script_text_problem
 from .tree import Tree
-from .validate import world_size
 
 RUNTIME_MODULE = "recipec.runtime.train"
+
+
+def world_size(c: RecipeConfig) -> int:
+    return c.launch.nodes * c.launch.gpus_per_node
+
+
+@attrs.frozen
+class BatchLayout:
+    """How one step's global batch splits over the ranks: the one place both halves do this
+    arithmetic (validate.py checks it divides, the plan records it, runtime/data.py slices by it)."""
+
+    world_size: int
+    data_parallel_size: int  # 0 when the world does not divide by the model-parallel size
+    global_batch_size: int
+    micro_batch_size: int
+
+    @property
+    def fits(self) -> bool:
+        """The world divides into model-parallel groups and the global batch into microbatches."""
+        return self.data_parallel_size > 0 and not self.global_batch_size % self.samples_per_microbatch_round
+
+    @property
+    def samples_per_microbatch_round(self) -> int:
+        """Samples one microbatch takes over all data-parallel ranks (micro x DP)."""
+        return self.micro_batch_size * self.data_parallel_size
+
+    @property
+    def microbatches_per_step(self) -> int:
+        return self.global_batch_size // self.samples_per_microbatch_round if self.data_parallel_size else 0
+
+    @property
+    def samples_per_rank(self) -> int:
+        return self.global_batch_size // self.data_parallel_size if self.data_parallel_size else 0
+
+    def rank_samples(self, step: int, rank: int) -> range:
+        """Global sample indices data-parallel `rank` reads at `step` (before wrapping at the dataset's end):
+        step k reads the same samples whether or not the run resumed in between."""
+        start = step * self.global_batch_size + rank * self.samples_per_rank
+        return range(start, start + self.samples_per_rank)
+
+
+def batch_layout(c: RecipeConfig) -> BatchLayout:
+    """World size, data-parallel size and microbatches of `c` (see BatchLayout)."""
+    world, mp = world_size(c), c.parallel.model_parallel_size
+    return BatchLayout(world_size=world, data_parallel_size=0 if world % mp else world // mp,
+                       global_batch_size=c.train.global_batch_size, micro_batch_size=c.train.micro_batch_size)
 
 
 @attrs.frozen
@@ -99,9 +146,8 @@ def make_plan(c: RecipeConfig, tree: Tree, artifact: str) -> Plan:
         raise ValidationError([Problem(ValidationError, f"the build directory {artifact!r} {problem}",
                                        hint="choose another directory with -o")])
     p, t = c.parallel, c.train
-    world = world_size(c)
-    dp = world // p.model_parallel_size
-    microbatches = t.global_batch_size // (t.micro_batch_size * dp)
+    batch = batch_layout(c)
+    world, dp, microbatches = batch.world_size, batch.data_parallel_size, batch.microbatches_per_step
     vocab = c.model.padded_vocab_size(p.tensor_model_parallel_size)
     memory = estimate_memory(c, vocab, dp, microbatches)
     accelerator = ACCELERATORS[c.launch.accelerator]
@@ -141,3 +187,51 @@ def make_plan(c: RecipeConfig, tree: Tree, artifact: str) -> Plan:
 
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
     return attrs.asdict(plan, value_serializer=lambda _, __, v: list(v) if isinstance(v, tuple) else v)
+
+
+_FIELD_NAMES = frozenset(f.name for f in attrs.fields(Plan))
+_POSITIVE_INTS = ("world_size", "data_parallel_size", "microbatches_per_step", "tokens_per_step",
+                  "padded_vocab_size", "params_total", "params_active", "flops_per_step")
+
+
+def plan_from_dict(data: Mapping[str, Any], where: str) -> Plan:
+    """The Plan that plan_to_dict wrote, read back (the runtime's one reader, runtime/artifact.py, calls
+    this); a field missing or of another type than the compiler writes is an ArtifactError naming
+    `where` (the plan.json path) and saying to rebuild. bool is not an int here, NaN is no number."""
+
+    def bad(key: str) -> ArtifactError:
+        what = "a positive int" if key in _POSITIVE_INTS else f"the {key} `recipec build` writes"
+        return ArtifactError(f"{where}: plan.{key} = {data.get(key)!r} is not what `recipec build` writes "
+                             f"({what}); rebuild it with `recipec build`")
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    def strings(value: Any) -> bool:
+        return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+
+    for key in _POSITIVE_INTS:
+        value = data.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise bad(key)
+    checks = {
+        "peak_tflops": number,
+        "accelerator": lambda v: isinstance(v, str),
+        "params_per_stage": lambda v: isinstance(v, (list, tuple)) and all(isinstance(n, int) and not isinstance(n, bool)
+                                                                  for n in v),
+        "memory_gib": lambda v: isinstance(v, dict) and all(number(n) for n in v.values()),
+        "node_commands": lambda v: isinstance(v, (list, tuple)) and bool(v) and all(strings(cmd) for cmd in v),
+        "env": lambda v: isinstance(v, dict) and all(isinstance(n, str) for n in v.values()),
+    }
+    for key, ok in checks.items():
+        if not ok(data.get(key)):
+            raise bad(key)
+    unknown = sorted(set(data) - _FIELD_NAMES)
+    if unknown:
+        raise ArtifactError(f"{where}: plan has field(s) {', '.join(unknown)} this recipec does not write; "
+                            "rebuild it with `recipec build`")
+    return Plan(**{**{k: data[k] for k in _FIELD_NAMES},
+                   "peak_tflops": float(data["peak_tflops"]),
+                   "params_per_stage": tuple(data["params_per_stage"]),
+                   "node_commands": tuple(tuple(cmd) for cmd in data["node_commands"]),
+                   "memory_gib": dict(data["memory_gib"]), "env": dict(data["env"])})

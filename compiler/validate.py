@@ -16,6 +16,7 @@ from .errors import Problem, ValidationError
 from .executors import rules as launch_rules
 from .families import check as family_rules
 from .modes import rules as mode_rules
+from .plan import batch_layout, world_size
 from .schema import RecipeConfig
 from .schema.launch import env_key_display
 from .text import shown
@@ -34,10 +35,6 @@ class Findings:
 def family(c: RecipeConfig) -> Iterator[Finding]:
     """model.architecture names a known family (compiler/families), and that family's own rules."""
     yield from family_rules(c.model)
-
-
-def world_size(c: RecipeConfig) -> int:
-    return c.launch.nodes * c.launch.gpus_per_node
 
 
 def _world(c: RecipeConfig) -> str:
@@ -113,18 +110,18 @@ def sequence(c: RecipeConfig) -> Iterator[Finding]:
 
 
 def batches(c: RecipeConfig) -> Iterator[Finding]:
-    t, mp = c.train, c.parallel.model_parallel_size
-    if world_size(c) % mp:
-        return
-    dp = world_size(c) // mp
-    if t.global_batch_size % (t.micro_batch_size * dp):
+    t, b = c.train, batch_layout(c)
+    if not b.data_parallel_size:
+        return  # layout() reports the world that does not divide
+    dp, round_ = b.data_parallel_size, b.samples_per_microbatch_round
+    if not b.fits:
         yield ("train.global_batch_size",
                (f"global_batch_size {t.global_batch_size} is not divisible by micro_batch_size "
-               f"{t.micro_batch_size} x data-parallel {dp} = {t.micro_batch_size * dp}"),
-               f"use a multiple of {t.micro_batch_size * dp}")
+               f"{t.micro_batch_size} x data-parallel {dp} = {round_}"),
+               f"use a multiple of {round_}")
         return
     vpp = c.parallel.virtual_pipeline_model_parallel_size
-    microbatches = t.global_batch_size // (t.micro_batch_size * dp)
+    microbatches = b.microbatches_per_step
     pp = c.parallel.pipeline_model_parallel_size
     if vpp and pp > 1 and microbatches % pp:
         yield ("train.global_batch_size", (f"the interleaved schedule needs microbatches {microbatches} "

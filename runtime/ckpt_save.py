@@ -121,10 +121,14 @@ class Saver:
         waited = time.perf_counter() - started
         final, tmp = step_dir(self.root, step), self.root / f".tmp_iter_{step:07d}"
         self._prepare(step, tmp)
-        state = sharded_state(chunks, optimizer, scheduler, loading=False, with_optimizer=True, with_rng=True,
-                              sharding=self.sharding)
-        meta = {"step": step, "fingerprint": self.fingerprint, "layout": layout(), "optimizer_sharding": self.sharding,
-                **self.model}
+        # optimizer None: a weights-only checkpoint (what `convert hf-to-mcore` writes): no optimizer and no
+        # RNG state, and a layout that never equals a run's, so checkpoint._load never asks it for RNG state.
+        weights_only = optimizer is None
+        state = sharded_state(chunks, optimizer, scheduler, loading=False, with_optimizer=not weights_only,
+                              with_rng=not weights_only, sharding=self.sharding)
+        saved_layout = {**layout(), "source": "weights"} if weights_only else layout()
+        meta = {"step": step, "fingerprint": self.fingerprint, "layout": saved_layout,
+                "optimizer_sharding": self.sharding, **self.model}
         state["recipec"] = {"step": step, "fingerprint": self.fingerprint, "layout": meta["layout"]}
         error: BaseException | None = None
         write_s = 0.0

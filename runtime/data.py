@@ -27,6 +27,7 @@ from megatron.core.datasets.gpt_dataset import (
     MockGPTDataset,
 )
 from recipec.compiler.errors import Problem, RecipeError
+from recipec.compiler.plan import batch_layout
 from recipec.compiler.schema import RecipeConfig
 
 from .corpus import BUILTIN, pack
@@ -118,16 +119,16 @@ def _collate(samples: list[Batch]) -> Batch:
 def step_microbatches(dataset: Any, step: int, c: RecipeConfig, device: torch.device,
                       collate: Callable[[list[Any]], Batch] | None = None) -> list[Batch]:
     """This data-parallel rank's microbatches of global batch number `step` (`collate` makes one
-    microbatch of its samples; a mode with its own batch layout passes its own)."""
-    gbs, mbs = c.train.global_batch_size, c.train.micro_batch_size
-    dp = parallel_state.get_data_parallel_world_size()
-    rank = parallel_state.get_data_parallel_rank()
-    per_rank = gbs // dp
-    start = step * gbs + rank * per_rank
-    n = len(dataset)
-    indices = [(start + i) % n for i in range(per_rank)]
+    microbatch of its samples; a mode with its own batch layout passes its own). Which samples: the
+    compiler's one batch split (compiler/plan.batch_layout), the same that made the plan."""
+    layout = batch_layout(c)
+    if parallel_state.get_data_parallel_world_size() != layout.data_parallel_size:
+        raise RuntimeError(f"data-parallel size {parallel_state.get_data_parallel_world_size()} is not the plan's "
+                           f"{layout.data_parallel_size}; the process groups do not match the compiled layout")
+    mbs, n = c.train.micro_batch_size, len(dataset)
+    indices = [i % n for i in layout.rank_samples(step, parallel_state.get_data_parallel_rank())]
     batches = []
-    for i in range(0, per_rank, mbs):
+    for i in range(0, len(indices), mbs):
         batch = (collate or _collate)([dataset[j] for j in indices[i:i + mbs]])
         batch = _this_cp_rank(batch)
         batches.append({k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from recipec.compiler.plan import Plan
 from recipec.compiler.schema import RecipeConfig
 
 log = logging.getLogger("recipec.runtime")
@@ -33,7 +34,7 @@ class Trainer:
     """What the loop drives; train.py's set-up fills it."""
 
     config: RecipeConfig
-    plan: dict[str, Any]
+    plan: Plan
     device: torch.device
     chunks: list[Any]  # DDP-wrapped model chunks (one per virtual pipeline stage)
     optimizer: Any
@@ -126,7 +127,7 @@ def train(t: Trainer) -> None:
         log.info(f"CUDA graphs: {c.train.cuda_graph}, captured after {c.train.cuda_graph_warmup_steps} eager steps")
     model_arg = t.chunks if len(t.chunks) > 1 else t.chunks[0]
     common = {"forward_step_func": mode.forward_step, "model": model_arg,
-                  "num_microbatches": t.plan["microbatches_per_step"],
+                  "num_microbatches": t.plan.microbatches_per_step,
                   "seq_length": c.model.seq_length // c.parallel.context_parallel_size,
                   "micro_batch_size": c.train.micro_batch_size}
     step = t.step

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from recipec.compiler.plan import Plan
 
 log = logging.getLogger("recipec.runtime")
 
@@ -31,11 +32,11 @@ log = logging.getLogger("recipec.runtime")
 class Meter:
     """Accumulates steps between log lines; only the logging rank writes."""
 
-    def __init__(self, plan: dict[str, Any], out_dir: Path, world_size: int, tensorboard_dir: str | None,
+    def __init__(self, plan: Plan, out_dir: Path, world_size: int, tensorboard_dir: str | None,
                  writer: bool) -> None:
-        self.flops_per_step = plan["flops_per_step"]
-        self.tokens_per_step = plan["tokens_per_step"]
-        self.peak = plan["peak_tflops"]
+        self.flops_per_step = plan.flops_per_step
+        self.tokens_per_step = plan.tokens_per_step
+        self.peak = plan.peak_tflops
         self.world = world_size
         self.writer = writer
         self.window_start = time.perf_counter()

@@ -181,6 +181,11 @@ def run(artifact: Artifact, main_start: float | None = None) -> int:
                           "(the recipe compiled for " + c.launch.accelerator + '); set train.cuda_graph="none"')
     if not on_gpu:
         activate_cpu_mode()
+    started = int(os.environ.get("WORLD_SIZE", plan.world_size))
+    if started != plan.world_size:  # the batch split (plan.data_parallel_size, microbatches) assumes it
+        raise RecipeError(f"{artifact.directory} was compiled for {plan.world_size} rank(s) (launch.nodes x "
+                          f"launch.gpus_per_node), but torchrun started {started}; run it with `recipec launch`, or "
+                          f"rebuild with the layout you start")
     with timer.phase("process_group"):
         device = _init_distributed(c, on_gpu)
     rank0 = dist.get_rank() == 0
@@ -194,7 +199,7 @@ def run(artifact: Artifact, main_start: float | None = None) -> int:
     resumable = bool(load_dir) and ckpt.has_checkpoints(Path(load_dir))
     own = bool(ck.save) and resumable and Path(load_dir).resolve() == Path(ck.save).resolve()
     source = "checkpoint.save" if own else "checkpoint.load"
-    record = model_record(c, plan["padded_vocab_size"])  # saved in every manifest, compared on resume
+    record = model_record(c, plan.padded_vocab_size)  # saved in every manifest, compared on resume
     if resumable:  # a checkpoint of another model stops the run here, by name, before anything is built
         ckpt.refuse_model_change(Path(load_dir), record, source)
 
@@ -242,14 +247,15 @@ def _build_model(artifact: Artifact, on_gpu: bool, resumable: bool, record: dict
     """This rank's model chunks with their start weights (HF or dist checkpoint, timed as checkpoint
     load), LoRA adapters and torch.compile applied, wrapped in Megatron-Core DDP."""
     from . import checkpoint as ckpt
+    from .hf.reader import is_hf_dir
     from .init import keyed_init
     from .model import build_model_chunks, wrap_ddp
 
     c, plan, ck = artifact.config, artifact.plan, artifact.config.checkpoint
-    chunks, backend = build_model_chunks(c, plan["padded_vocab_size"], on_gpu=on_gpu)
+    chunks, backend = build_model_chunks(c, plan.padded_vocab_size, on_gpu=on_gpu)
     if not on_gpu:
         keyed_init(chunks, c.train.seed, c.model.init_method_std, c.model.num_layers)
-    hf_pretrained = bool(ck.pretrained) and _is_hf_dir(ck.pretrained)
+    hf_pretrained = bool(ck.pretrained) and is_hf_dir(ck.pretrained)
     if hf_pretrained and not ckpt.complete_steps(Path(ck.load or ck.save or ck.pretrained)):
         # An HF directory: its weights go straight into this rank's shards (any TP/PP), before
         # DDP and the optimizer copy them; a resumable checkpoint, if any, wins later.
@@ -258,7 +264,7 @@ def _build_model(artifact: Artifact, on_gpu: bool, resumable: bool, record: dict
         if not on_gpu:
             cpu_mode()
         with timer.phase("checkpoint_load"):
-            load_hf_into_chunks(ck.pretrained, chunks, c, plan["padded_vocab_size"])
+            load_hf_into_chunks(ck.pretrained, chunks, c, plan.padded_vocab_size)
         log.info(f"loaded Hugging Face weights from {ck.pretrained}")
     if ck.pretrained and not hf_pretrained and not resumable:
         # Base weights go into the bare model, before adapters, DDP and the optimizer's copies exist.
@@ -288,12 +294,6 @@ def _build_model(artifact: Artifact, on_gpu: bool, resumable: bool, record: dict
     ddp_chunks = wrap_ddp(c, chunks)
     _wire_grad_sync(ddp_chunks)
     return ddp_chunks
-
-
-def _is_hf_dir(path: str) -> bool:
-    """checkpoint.pretrained names a Hugging Face directory (config.json + safetensors)."""
-    p = Path(path)
-    return (p / "config.json").is_file() and any(p.glob("*.safetensors"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -156,7 +156,7 @@ TP2_RUN = Covered("tests/runtime/test_train_e2e.py", "test_tensor_parallel_match
                   ("reference: Run, tp2: Run",))
 TP2_FIXTURE = Covered("tests/runtime/test_train_e2e.py", "tp2", ('"parallel.tensor_model_parallel_size=2"',))
 TORCHRUN = Covered("tests/runtime/test_train_e2e.py", "Run",
-                   ('"-m", "torch.distributed.run"', '"-m", "recipec.runtime.train", "--artifact"'))
+                   ("torchrun_cmd(", '"-m", "recipec.runtime.train", "--artifact"'))  # launch_helpers: torch.distributed.run
 HF_ROUND_TRIP = Covered("tests/hf/test_round_trip_readme.py",
                         "test_readme_commands_round_trip_an_fp32_model_with_its_tokenizer",
                         ('"convert", "hf-to-mcore", "./hf", "--recipe", "my_llama.toml", "-o", "ckpt/"',

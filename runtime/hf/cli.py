@@ -8,6 +8,8 @@ Before anything is read, `main` makes every checkpoint load weights-only (runtim
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 from recipec.compiler.cli_base import (
     files as _files,  # the CLI's one set of conventions
@@ -15,6 +17,9 @@ from recipec.compiler.cli_base import (
 from recipec.compiler.cli_base import overrides as _overrides
 from recipec.compiler.cli_base import user_errors as _user_errors
 from recipec.compiler.errors import RecipeError
+
+if TYPE_CHECKING:
+    from .convert import Compiler
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,9 +39,10 @@ def hf_to_mcore_cmd(hf_dir: str, overrides: tuple[str, ...], recipe: str | None,
 
     One process writes it at TP=PP=1; under torchrun it uses the recipe's layout (for models
     that do not fit one process). Loadable at any TP/PP whose padded vocabulary is the same."""
-    from .convert import hf_to_mcore
+    from .convert import hf_to_mcore, require_hf_dir
 
-    path = hf_to_mcore(hf_dir, out, recipe=recipe, overrides=overrides, files=files)
+    hf = require_hf_dir(hf_dir)  # a wrong path says so before the recipe compiles
+    path = hf_to_mcore(hf, out, config=_compiler()(recipe, overrides, files, hf))
     click.echo(f"wrote {path}")
 
 
@@ -54,17 +60,28 @@ def hf_to_mcore_cmd(hf_dir: str, overrides: tuple[str, ...], recipe: str | None,
 def mcore_to_hf_cmd(ckpt_dir: str, overrides: tuple[str, ...], recipe: str, files: tuple[str, ...], out: str,
                     max_shard_size: str, merge_lora: bool, adapter_only: bool) -> None:
     """CKPT_DIR (a checkpoint root or one iter_* directory) -> an HF directory transformers loads."""
-    from .convert import mcore_to_hf
+    from .convert import mcore_to_hf, resolve_checkpoint
     from .lora_export import export_adapter
 
     if merge_lora and adapter_only:
         raise RecipeError("--merge-lora and --adapter-only exclude each other (a merged model, or only the adapters)")
+    shard_size = _size(max_shard_size)
+    resolve_checkpoint(ckpt_dir)  # a wrong path says so before the recipe compiles
+    config = _compiler()(recipe, overrides, files, None)
     if adapter_only:
-        path = export_adapter(ckpt_dir, out, recipe=recipe, overrides=overrides, files=files)
+        path = export_adapter(ckpt_dir, out, config=config)
     else:
-        path = mcore_to_hf(ckpt_dir, out, recipe=recipe, overrides=overrides, files=files,
-                           max_shard_size=_size(max_shard_size), merge_lora=merge_lora)
+        path = mcore_to_hf(ckpt_dir, out, config=config, max_shard_size=shard_size, merge_lora=merge_lora)
     click.echo(f"wrote {path}")
+
+
+def _compiler() -> Compiler:
+    """What compiles this command's recipe: the one main() was handed (the CLI's, compiler/cli.py:
+    compiler.api.compile_for_hf with its warnings printed), else convert.compile_recipe (the same
+    compiler function, for this group invoked directly)."""
+    from .convert import compile_recipe
+
+    return click.get_current_context().find_root().obj or compile_recipe
 
 
 def _add_verify() -> None:
@@ -88,14 +105,16 @@ def _size(text: str) -> int:
     raise RecipeError(f"--max-shard-size {text!r}: use a size such as 500MB or 5GB")
 
 
-def main(args: list[str], prog_name: str = "recipec convert") -> int:
+def main(args: list[str], prog_name: str = "recipec convert", compiler: Compiler | None = None) -> int:
+    """The command table's entry (compiler/cli.py RUNTIME_COMMANDS): `compiler` compiles each
+    command's recipe on the compiler side; the conversions receive the frozen config."""
     from recipec.runtime.logs import console
     from recipec.runtime.safe_load import install
 
     console()  # progress lines on stderr and the same library-noise filters as a training rank
     install()  # weights-only torch.load and data-only DCP metadata, before any checkpoint is read
     try:
-        convert.main(args=args, prog_name=prog_name, standalone_mode=True)
+        convert.main(args=args, prog_name=prog_name, standalone_mode=True, obj=compiler)
     except SystemExit as exc:
         return int(exc.code or 0)
     return 0

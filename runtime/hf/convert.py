@@ -3,8 +3,8 @@
 - `load_hf_into_chunks`: fill this rank's Megatron model chunks (any TP/PP/EP layout,
   local or TE spec) straight from an HF directory, tensor by tensor (safetensors
   `safe_open`); what the runtime does for `checkpoint.pretrained = HF_DIR`.
-- `hf_to_mcore`: that, then a recipec dist checkpoint (`iter_0000000/` + manifest +
-  `latest`) written by `dist_checkpointing.save`, reshardable to other TP/PP layouts.
+- `hf_to_mcore`: that, then a recipec dist checkpoint (`iter_0000000/` + hashed manifest +
+  `latest`) written by `runtime/checkpoint.save` like a trained one, reshardable to other TP/PP layouts.
   Run it under torchrun with a parallel layout to split a model that does not fit
   one process's memory.
 - `mcore_to_hf`: reads a dist checkpoint without building a model, one layer at a
@@ -28,9 +28,8 @@ import itertools
 import json
 import logging
 import os
-import shutil
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -196,22 +195,26 @@ def _no_random_init() -> Iterator[None]:
         rmodel.transformer_config = original
 
 
+# What compiles a conversion's recipe: (recipe, overrides, files, hf_dir) -> frozen config. The CLI
+# hands its own (compiler/cli.py: compile_for_hf, warnings printed); Python callers get compile_recipe.
+Compiler = Callable[[str | None, Sequence[str], Sequence[str], Path | None], RecipeConfig]
+
+
 def compile_recipe(recipe: str | None, overrides: Sequence[str], files: Sequence[str], hf_dir: Path | None) -> RecipeConfig:
-    """The frozen config of `recipe` (+overrides); without a recipe, the one `import-hf` makes for hf_dir."""
-    from recipec.compiler.api import build
+    """The frozen config of `recipe` (+overrides); without a recipe, the one `import-hf` makes for hf_dir.
 
-    if recipe is None:
-        if hf_dir is None:
-            raise HFConvertError("--recipe is required (the model's shape comes from it)")
-        import tempfile
+    For Python callers that pass recipe=... instead of a compiled config=: the compiling is the
+    compiler's (compiler.api.compile_for_hf); `recipec convert` compiles on the CLI side instead."""
+    from recipec.compiler.api import compile_for_hf
 
-        from recipec.compiler.hf_import import recipe_from_hf
+    return compile_for_hf(recipe, tuple(overrides), overlays=tuple(files), hf_dir=hf_dir).config
 
-        with tempfile.TemporaryDirectory() as tmp:  # import-hf's recipe: precision.dtype is the weights'
-            path = Path(tmp) / "imported.toml"
-            path.write_text(recipe_from_hf(hf_dir, name="imported"))
-            return build(path, tuple(overrides), overlays=tuple(files)).config
-    return build(recipe, tuple(overrides), overlays=tuple(files)).config
+
+def require_hf_dir(hf_dir: str | Path) -> Path:
+    """hf_dir as a Path, or an HFConvertError when it is not a Hugging Face model directory."""
+    if not is_hf_dir(hf_dir):
+        raise HFConvertError(f"{hf_dir} is not a Hugging Face model directory (config.json + *.safetensors)")
+    return Path(hf_dir)
 
 
 def _warn_if_rounding(hf_dir: Path, c: RecipeConfig) -> None:
@@ -250,18 +253,22 @@ def _init_model_parallel(c: RecipeConfig) -> RecipeConfig:
 
 # ---------------------------------------------------------------- HF -> mcore
 def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, recipe: str | None = None, overrides: Sequence[str] = (),
-                files: Sequence[str] = ()) -> Path:
-    """Write a recipec dist checkpoint of the HF model at hf_dir under `out`; returns the step directory."""
-    from megatron.core import dist_checkpointing, parallel_state
+                files: Sequence[str] = (), config: RecipeConfig | None = None) -> Path:
+    """Write a recipec dist checkpoint of the HF model at hf_dir under `out`; returns the step directory.
+
+    `config`: the compiled recipe (what the CLI passes); else `recipe`/`overrides`/`files` are
+    compiled (compile_recipe; without a recipe, import-hf's for hf_dir)."""
+    from megatron.core import parallel_state
     from recipec.runtime import checkpoint as ckpt
+    from recipec.runtime import ckpt_manifest as manifest
+    from recipec.runtime.ckpt_compat import model_record
     from recipec.runtime.model import build_model_chunks
 
-    hf_dir, out = Path(hf_dir), Path(out)
+    out = Path(out)
     console()
-    if not is_hf_dir(hf_dir):
-        raise HFConvertError(f"{hf_dir} is not a Hugging Face model directory (config.json + *.safetensors)")
+    hf_dir = require_hf_dir(hf_dir)
     started = Progress("hf-to-mcore")
-    c = compile_recipe(recipe, overrides, files, hf_dir)
+    c = config if config is not None else compile_recipe(recipe, overrides, files, hf_dir)
     _warn_if_rounding(hf_dir, c)
     # The runtime pads the vocabulary for the recipe's TP; the checkpoint must have that shape.
     padded = c.model.padded_vocab_size(c.parallel.tensor_model_parallel_size)
@@ -273,36 +280,16 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, recipe: str | None = Non
             chunks, _ = build_model_chunks(c, padded, on_gpu=on_gpu)
         load_hf_into_chunks(hf_dir, chunks, c, padded)
         read_in = started.elapsed()
-        rank0 = dist.get_rank() == 0
-        final, tmp = out / "iter_0000000", out / ".tmp_iter_0000000"
-        if rank0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        dist.barrier()
-        layout = {"tp": parallel_state.get_tensor_model_parallel_world_size(),
-                  "pp": parallel_state.get_pipeline_model_parallel_world_size(), "source": "hf"}
-        if len(chunks) == 1:
-            state: dict[str, Any] = {"model": chunks[0].sharded_state_dict()}
-        else:
-            state = {f"model{i}": ch.sharded_state_dict() for i, ch in enumerate(chunks)}
-        state["recipec"] = {"step": 0, "fingerprint": f"hf:{hf_dir.resolve()}", "layout": layout}
-        dist_checkpointing.save(state, str(tmp))
-        dist.barrier()
-        if rank0:
-            listing = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-            # `layout` never equals a training layout (it has "source"), so loading it never restores RNG
-            # state that a conversion does not have.
-            meta = {"step": 0, "fingerprint": f"hf:{hf_dir.resolve()}", "layout": layout, "files": listing,
-                    "optimizer_sharding": "none", "converted_from": str(hf_dir.resolve()),
-                    "padded_vocab_size": padded}
-            (tmp / ckpt.MANIFEST).write_text(json.dumps(meta, indent=1, sort_keys=True))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            (out / ckpt.LATEST).write_text("0\n")
-            log.info(f"converted {hf_dir} -> {final} ({size(sum(listing.values()))}) in {started.elapsed()} "
-                     f"({read_in} to build the model and read the weights)")
-        dist.barrier()
+        # The same save as a training run's (runtime/checkpoint.save): sha256-hashed manifest, the model
+        # record a resume or checkpoint.pretrained compares, atomic rename, `latest`; weights only
+        # (no optimizer, no RNG state), so its layout never equals a run's.
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        source = str(hf_dir.resolve())
+        final = ckpt.save(out, 0, chunks, None, None, f"hf:{source}", keep_last=None, sharding="none",
+                          device=device, model={**model_record(c, padded), "converted_from": source})
+        if dist.get_rank() == 0:
+            log.info(f"converted {hf_dir} -> {final} ({size(manifest.total_bytes(final) or 0)}) in "
+                     f"{started.elapsed()} ({read_in} to build the model and read the weights)")
         return final
     finally:
         if created:
@@ -402,16 +389,20 @@ class _ShardWriter:
         return names
 
 
-def mcore_to_hf(ckpt_dir: str | Path, out: str | Path, *, recipe: str, overrides: Sequence[str] = (),
-                files: Sequence[str] = (), max_shard_size: int = 5 * 1024**3, merge_lora: bool = False) -> Path:
-    """Write an HF directory (safetensors shards, index, config.json, tokenizer files) from a dist checkpoint."""
+def mcore_to_hf(ckpt_dir: str | Path, out: str | Path, *, recipe: str | None = None, overrides: Sequence[str] = (),
+                files: Sequence[str] = (), max_shard_size: int = 5 * 1024**3, merge_lora: bool = False,
+                config: RecipeConfig | None = None) -> Path:
+    """Write an HF directory (safetensors shards, index, config.json, tokenizer files) from a dist checkpoint.
+
+    `config`: the compiled recipe the checkpoint was trained with (what the CLI passes); else
+    `recipe` (required then) + `overrides`/`files` are compiled."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     console()
     started = Progress("mcore-to-hf")
     step_dir = resolve_checkpoint(ckpt_dir)
-    c = compile_recipe(recipe, overrides, files, None)
+    c = config if config is not None else compile_recipe(recipe, overrides, files, None)
     extra = plan_export(c)  # reads the tokenizer now: a missing one fails before any weight is written
     m = c.model
     out = Path(out)

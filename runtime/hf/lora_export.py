@@ -36,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from recipec.compiler.schema import RecipeConfig
 
 from .mappings import ArchMapping, MappingError
-from .reader import HFConvertError
+from .reader import HFConvertError, is_hf_dir
 
 log = logging.getLogger("recipec.runtime")
 
@@ -181,7 +182,7 @@ def adapter_config(c: Any, target_modules: Sequence[str], dora: bool) -> dict[st
     p = c.peft
     alpha = int(p.lora_alpha) if float(p.lora_alpha).is_integer() else p.lora_alpha
     pretrained = c.checkpoint.pretrained
-    base = pretrained if pretrained and (Path(pretrained) / "config.json").is_file() else None
+    base = pretrained if pretrained and is_hf_dir(pretrained) else None
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "revision": None,
             "r": p.lora_rank, "lora_alpha": alpha, "lora_dropout": p.lora_dropout, "use_dora": dora,
             "target_modules": list(target_modules), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
@@ -189,8 +190,8 @@ def adapter_config(c: Any, target_modules: Sequence[str], dora: bool) -> dict[st
             "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}}
 
 
-def export_adapter(ckpt_dir: str | Path, out: str | Path, *, recipe: str, overrides: Sequence[str] = (),
-                   files: Sequence[str] = ()) -> Path:
+def export_adapter(ckpt_dir: str | Path, out: str | Path, *, recipe: str | None = None, overrides: Sequence[str] = (),
+                   files: Sequence[str] = (), config: RecipeConfig | None = None) -> Path:
     """Write a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) from the
     adapters of a LoRA/DoRA dist checkpoint; PeftModel.from_pretrained(base_model, out) loads it."""
     from megatron.core import dist_checkpointing
@@ -208,7 +209,7 @@ def export_adapter(ckpt_dir: str | Path, out: str | Path, *, recipe: str, overri
     console()
     started = Progress("adapter export")
     step_dir = resolve_checkpoint(ckpt_dir)
-    c = compile_recipe(recipe, overrides, files, None)
+    c = config if config is not None else compile_recipe(recipe, overrides, files, None)
     out = Path(out)
     created = ensure_distributed()
     try:

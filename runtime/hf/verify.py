@@ -7,12 +7,12 @@ Users need this after every conversion (Megatron-Bridge ships a compare script f
 What it does, in one process (TP=1, PP=1, no torchrun; a dist checkpoint of any saved layout
 loads there, since dist checkpoints reshard):
 
-1. compiles the recipe the way `convert hf-to-mcore` does (runtime/hf/convert.compile_recipe;
-   without --recipe, the one `recipec import-hf` makes for HF_DIR) and checks that HF_DIR
+1. takes the recipe compiled the way `convert hf-to-mcore` does (compiler.api.compile_for_hf, by the
+   CLI; without --recipe, the one `recipec import-hf` makes for HF_DIR) and checks that HF_DIR
    describes that model (convert.check_hf_matches);
 2. builds the recipe's Megatron model, checks the checkpoint's tensor names and shapes against
    it (another model is one message, not Megatron's traceback), checks the files against the
-   manifest (sizes, and hashes where it has them: hf-to-mcore writes sizes only),
+   manifest (sizes and sha256 hashes; hf-to-mcore's checkpoints have both),
    loads the weights and runs one token batch (seeded random ids inside the vocabulary, or
    `--text` through HF_DIR's tokenizer), keeps the logits and frees the model;
 3. runs the same batch through transformers' model (so only one model is in memory at a time);
@@ -33,7 +33,6 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,8 @@ from recipec.compiler.cli_base import user_errors as _user_errors
 from recipec.compiler.schema import RecipeConfig
 
 from .convert import (
+    Compiler,
+    _no_random_init,  # one copy: it keeps the yarn_* attributes a dataclasses.replace would drop
     check_hf_matches,
     compile_recipe,
     ensure_distributed,
@@ -94,25 +95,15 @@ class VerifyResult:
 # ---------------------------------------------------------------- the comparison
 def verify(checkpoint: str | Path, hf_dir: str | Path, *, recipe: str | None = None, overrides: Sequence[str] = (),
            files: Sequence[str] = (), atol: float | None = None, batch: int = 2, seq: int | None = None,
-           seed: int = 0, text: str | None = None, device: str = "auto", fp32: bool = False) -> VerifyResult:
+           seed: int = 0, text: str | None = None, device: str = "auto", fp32: bool = False,
+           config: RecipeConfig | None = None) -> VerifyResult:
     """Compare the logits of checkpoint (a root or one iter_* directory) with HF_DIR's on one batch.
 
+    `config`: the compiled recipe (what the CLI passes); else `recipe`/`overrides`/`files` are compiled.
     Raises a RecipeError (HFConvertError) for anything the user or a file caused."""
-    checkpoint, hf_dir = Path(checkpoint), Path(hf_dir)
-    for what, path in (("checkpoint", checkpoint), ("HF directory", hf_dir)):
-        if not path.is_dir():
-            raise HFConvertError(f"{path}: no such directory (the {what} to compare)")
-    if not is_hf_dir(hf_dir):
-        raise HFConvertError(f"{hf_dir} is not a Hugging Face model directory (config.json + *.safetensors); "
-                             "verify takes CKPT first, then HF_DIR")
-    step_dir = resolve_checkpoint(checkpoint)
-    if batch < 1 or (seq is not None and seq < 1):
-        raise HFConvertError("--batch and --seq must be at least 1")
-    if os.environ.get("WORLD_SIZE", "1") != "1":
-        raise HFConvertError("convert verify runs as one process (TP=1, PP=1); start it without torchrun: the "
-                             "checkpoint loads at TP=1/PP=1 whatever layout it was saved in")
+    step_dir, hf_dir = check_inputs(checkpoint, hf_dir, batch, seq)
     on_gpu = _on_gpu(device)
-    c = compile_recipe(recipe, overrides, files, hf_dir)
+    c = config if config is not None else compile_recipe(recipe, overrides, files, hf_dir)
     check_hf_matches(hf_dir, c)
     dtype = "fp32" if fp32 or not on_gpu else c.precision.dtype
     c = _single_process(c, dtype, on_gpu)
@@ -141,6 +132,24 @@ def verify(checkpoint: str | Path, hf_dir: str | Path, *, recipe: str | None = N
         compute=f"{dtype} on {'cuda' if on_gpu else 'cpu'}, Megatron {backend}, TP=1 PP=1",
         max_abs_diff=float(diff.max().item()), mean_abs_diff=float(diff.mean().item()),
         argmax_agree=agree, positions=int(toks.numel()), atol=float(atol))
+
+
+def check_inputs(checkpoint: str | Path, hf_dir: str | Path, batch: int, seq: int | None) -> tuple[Path, Path]:
+    """(step directory, HF directory) once the arguments make sense; checked before the recipe compiles."""
+    checkpoint, hf_dir = Path(checkpoint), Path(hf_dir)
+    for what, path in (("checkpoint", checkpoint), ("HF directory", hf_dir)):
+        if not path.is_dir():
+            raise HFConvertError(f"{path}: no such directory (the {what} to compare)")
+    if not is_hf_dir(hf_dir):
+        raise HFConvertError(f"{hf_dir} is not a Hugging Face model directory (config.json + *.safetensors); "
+                             "verify takes CKPT first, then HF_DIR")
+    step_dir = resolve_checkpoint(checkpoint)
+    if batch < 1 or (seq is not None and seq < 1):
+        raise HFConvertError("--batch and --seq must be at least 1")
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        raise HFConvertError("convert verify runs as one process (TP=1, PP=1); start it without torchrun: the "
+                             "checkpoint loads at TP=1/PP=1 whatever layout it was saved in")
+    return step_dir, hf_dir
 
 
 def _on_gpu(device: str) -> bool:
@@ -242,19 +251,6 @@ def _reading(step_dir: Path) -> Iterator[None]:
                              "is it damaged, or not a recipec/Megatron checkpoint?") from None
 
 
-@contextmanager
-def _no_random_init() -> Iterator[None]:
-    """Build without drawing random weights (the checkpoint overwrites them; minutes saved on big models)."""
-    from recipec.runtime import model as rmodel
-
-    original = rmodel.transformer_config
-    rmodel.transformer_config = lambda *a, **k: replace(original(*a, **k), perform_initialization=False)
-    try:
-        yield
-    finally:
-        rmodel.transformer_config = original
-
-
 def _tensor_shapes(sd: dict[str, Any]) -> Iterator[tuple[str, tuple[int, ...]]]:
     """(key, global shape) of every ShardedTensor of a sharded_state_dict, factories (fused fc1) expanded."""
     from megatron.core.dist_checkpointing.mapping import (
@@ -285,9 +281,9 @@ def _check_fits(step_dir: Path, saved: dict[str, Any], chunk: Any, c: RecipeConf
     if meta is not None:
         structure, _math = ckpt_compat.differences(meta, ckpt_compat.model_record(c, padded))
         if structure:
-            raise HFConvertError(f"{step_dir} holds another model than the recipe describes (saved -> recipe: "
-                                 f"{ckpt_compat.describe(structure)}); pass the recipe the checkpoint was made "
-                                 "with (--recipe, overrides)")
+            raise HFConvertError(f"{step_dir} does not hold the recipe's model: its manifest records another "
+                                 f"(saved -> recipe: {ckpt_compat.describe(structure)}); pass the recipe the "
+                                 "checkpoint was made with (--recipe, overrides)")
     missing, wrong = set(), []
     for key, shape in _tensor_shapes(chunk.sharded_state_dict()):
         have = saved.get(key)
@@ -372,21 +368,25 @@ def verify_cmd(checkpoint: str, hf_dir: str, overrides: tuple[str, ...], recipe:
     Exit 0 when max |diff| <= --atol, 1 above it, 2 on a user error. One process, TP=1 and PP=1
     (a checkpoint saved under any layout loads there); not under torchrun. Both models are in
     memory one after the other: the larger needs its size in RAM (fp32 on CPU: 4 bytes/param)."""
-    result = verify(checkpoint, hf_dir, recipe=recipe, overrides=overrides, files=files, atol=atol, batch=batch,
-                    seq=seq, seed=seed, text=text, device=device, fp32=fp32)
+    check_inputs(checkpoint, hf_dir, batch, seq)  # a wrong path says so before the recipe compiles
+    compiler: Compiler = click.get_current_context().find_root().obj or compile_recipe  # main()'s, the CLI's
+    config = compiler(recipe, overrides, files, Path(hf_dir))
+    result = verify(checkpoint, hf_dir, atol=atol, batch=batch, seq=seq, seed=seed, text=text, device=device,
+                    fp32=fp32, config=config)
     click.echo(result.report())
     sys.exit(0 if result.passed else 1)
 
 
-def main(argv: list[str], prog_name: str = "recipec convert verify") -> int:
-    """Entry point: `python -m recipec.runtime.hf.verify ...` (and the command table's `convert verify`)."""
+def main(argv: list[str], prog_name: str = "recipec convert verify", compiler: Compiler | None = None) -> int:
+    """Entry point: `python -m recipec.runtime.hf.verify ...`; `compiler` compiles the recipe (the CLI's,
+    compiler/cli.py; else compile_recipe)."""
     from recipec.runtime.logs import console
     from recipec.runtime.safe_load import install
 
     console()
     install()  # weights-only torch.load and data-only DCP metadata, before any checkpoint is read
     try:
-        verify_cmd.main(args=argv, prog_name=prog_name, standalone_mode=True)
+        verify_cmd.main(args=argv, prog_name=prog_name, standalone_mode=True, obj=compiler)
     except SystemExit as exc:
         return int(exc.code or 0)
     return 0

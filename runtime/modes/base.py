@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from recipec.compiler.plan import Plan
 from recipec.compiler.schema import RecipeConfig
 
 Batch = dict[str, Any]
@@ -30,7 +31,7 @@ class Context:
     """What every mode may read: the compiled artifact and where this rank runs."""
 
     config: RecipeConfig
-    plan: dict[str, Any]
+    plan: Plan
     device: torch.device
     on_gpu: bool
     out_dir: Path

@@ -23,14 +23,11 @@ from typing import Any
 
 import torch
 
+from ..hf.reader import is_hf_dir
 from .base import Batch, Context, LossFunc, TrainingMode
 from .distill_loss import distill_loss
 
 log = logging.getLogger("recipec.runtime")
-
-
-def _is_hf_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
 class Distill(TrainingMode):
@@ -55,14 +52,14 @@ class Distill(TrainingMode):
         from ..ckpt_compat import model_record
         from ..model import build_model_chunks
 
-        c, padded = teacher_config(self.config), self.context.plan["padded_vocab_size"]
+        c, padded = teacher_config(self.config), self.context.plan.padded_vocab_size
         source = Path(self.options.teacher_load)
         key = "train.mode_options.teacher_load"
         if not source.exists():
             raise RecipeError(f"{key}: {source} does not exist; point it at the teacher's HF directory or recipec "
                               "checkpoint directory")
         chunks, _ = build_model_chunks(c, padded, on_gpu=self.context.on_gpu)
-        if _is_hf_dir(source):
+        if is_hf_dir(source):
             from ..hf.convert import cpu_mode, load_hf_into_chunks
 
             if not self.context.on_gpu:

@@ -58,14 +58,14 @@ def build_reference(context: Any, trained: list[Any], source: str) -> list[torch
     mode_options.reference value ("" = the run's start weights)."""
     from .. import checkpoint as ckpt
     from ..ckpt_compat import model_record
+    from ..hf.reader import is_hf_dir
     from ..model import build_model_chunks
 
-    c, plan = context.config, context.plan
-    padded = plan["padded_vocab_size"]
+    c, padded = context.config, context.plan.padded_vocab_size
     chunks, _ = build_model_chunks(c, padded, on_gpu=context.on_gpu)
     path, key = (source, "train.mode_options.reference") if source else (c.checkpoint.pretrained,
                                                                           "checkpoint.pretrained")
-    if path and _is_hf_dir(path):
+    if path and is_hf_dir(path):
         from ..hf.convert import cpu_mode, load_hf_into_chunks
 
         if not context.on_gpu:
@@ -99,8 +99,3 @@ def build_reference(context: Any, trained: list[Any], source: str) -> list[torch
         chunk.eval()
     log.info(f"dpo: reference model (frozen, forward only) from {what}")
     return chunks
-
-
-def _is_hf_dir(path: str) -> bool:
-    p = Path(path)
-    return (p / "config.json").is_file() and any(p.glob("*.safetensors"))

@@ -4,13 +4,15 @@ recipe through torchrun (its log and its losses)."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+from launch_helpers import torchrun_cmd  # the tests' one torchrun helper
 
 
 def require_cuda_and_te() -> ModuleType:
@@ -27,12 +29,7 @@ def require_cuda_and_te() -> ModuleType:
 
 def train_one_rank(artifact: Path, out: Path) -> tuple[str, dict[int, float]]:
     """Run `artifact` on one GPU (standalone rendezvous on a free port); the log and step -> loss."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1",
-                           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-                           "-m", "recipec.runtime.train", "--artifact", str(artifact)],
+    proc = subprocess.run(torchrun_cmd(1, "-m", "recipec.runtime.train", "--artifact", str(artifact)),
                           check=False, capture_output=True, text=True, timeout=400)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
-from gpu_launch import require_cuda_and_te, train_one_rank
+from gpu_launch import require_cuda_and_te, train_one_rank  # (puts tests/launch on sys.path)
+from launch_helpers import free_tcp_port
 
 require_cuda_and_te()
 import torch
@@ -48,9 +48,7 @@ def _main_grads(fuse: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Te
 def nccl_world() -> None:
     import torch.distributed as dist
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_tcp_port()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     torch.cuda.set_device(0)
     dist.init_process_group("nccl")

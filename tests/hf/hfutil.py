@@ -4,7 +4,6 @@ shared by tests/hf and its torchrun script."""
 from __future__ import annotations
 
 import os
-import socket
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -162,9 +161,13 @@ def ARCHS_VOCAB(hf_dir: Path) -> int:  # noqa: N802 - the vocab an HF dir's toke
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """The tests' one free-port helper (tests/launch/launch_helpers.py), imported when first asked for."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "tests" / "launch"))
+    from launch_helpers import free_tcp_port
+
+    return free_tcp_port()
 
 
 def clean_env() -> dict[str, str]:

@@ -82,9 +82,6 @@ KNOWN = {
     "deepseek_v2_plain_rope": "import-hf exits 2 (compiler/families/deepseek.py refuses it): the DeepSeek base "
     "recipes set YaRN and an imported recipe cannot unset a key, so the import used to keep the base's YaRN "
     "(logits off by 5e-3). Fix: _base/deepseek_v*.toml leave RoPE scaling to recipes_toml/_models/.",
-    "gpt_oss": "`convert verify` raises AttributeError 'yarn_rotary_scaling_factor': runtime/hf/verify.py's "
-    "_no_random_init copies the TransformerConfig with dataclasses.replace, which drops the yarn_* attributes "
-    "set after construction (runtime/hf/convert.py's copy sets perform_initialization instead).",
 }
 
 

@@ -47,11 +47,25 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-@pytest.fixture
-def free_port() -> int:
+def free_tcp_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the kernel picked it): every test's one
+    helper for a rendezvous or MASTER_PORT (tests/runtime, tests/hf via hfutil, tests/gpu)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port() -> int:
+    return free_tcp_port()
+
+
+def torchrun_cmd(nproc: int, *args: str) -> list[str]:
+    """`torchrun` through this interpreter with `nproc` local workers and a c10d rendezvous on a free
+    port, then `args` (e.g. "-m", "recipec.runtime.train", "--artifact", DIR): the tests' one launcher
+    of a hand-made torchrun (`recipec launch` makes its own)."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{free_tcp_port()}", *args]
 
 
 def recipec_cmd(*args: str) -> list[str]:

@@ -32,16 +32,13 @@ pytest.importorskip("megatron.core")
 from recipec.compiler import build
 from recipec.runtime.ckpt_manifest import verify
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+from launch_helpers import free_tcp_port, torchrun_cmd  # noqa: E402
+
 TOL = 1e-5
 TP2 = ("train.train_iters=15", "parallel.tensor_model_parallel_size=2")
 COMMON = ["scheduler.lr_decay_iters=10", "logging.log_interval=1", "train.eval_interval=1000",
           "checkpoint.save_interval=5", "checkpoint.keep_last=3"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Run:
@@ -55,9 +52,7 @@ class Run:
                                               f"checkpoint.save={self.ckpt}", *overrides]).write(self.dir / build_dir)
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.nproc}",
-                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
-                "-m", "recipec.runtime.train", "--artifact", str(self.artifact)]
+        return torchrun_cmd(self.nproc, "-m", "recipec.runtime.train", "--artifact", str(self.artifact))
 
     def env(self, **extra: str) -> dict[str, str]:
         return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": "", **extra}
@@ -73,7 +68,7 @@ class Run:
     def start_one_rank(self) -> subprocess.Popen[str]:
         """The rank itself, without torchrun's agent in between (its exit code is the rank's)."""
         env = self.env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(_free_port()))
+                       MASTER_PORT=str(free_tcp_port()))
         return subprocess.Popen([sys.executable, "-m", "recipec.runtime.train", "--artifact", str(self.artifact)],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,13 +20,10 @@ from recipec.runtime import cache
 from recipec.runtime.corpus import pack
 from recipec.runtime.tokenizer import ByteTokenizer
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+from launch_helpers import free_tcp_port  # noqa: E402
+
 TOK = ByteTokenizer()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pack_texts(prefix: str) -> list[str]:
@@ -171,7 +167,7 @@ def test_a_corpus_changed_between_two_runs_is_packed_again(tmp_path: Path) -> No
     def run() -> set[str]:
         proc = subprocess.run([sys.executable, "-m", "recipec.runtime.train", "--artifact", str(directory)],
                               check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                              env={**env, "MASTER_PORT": str(_free_port())})
+                              env={**env, "MASTER_PORT": str(free_tcp_port())})
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
         # The packs the run's datasets were built on, as Megatron recorded them in its index cache.
         return {json.loads(p.read_text())["dataset_path"] for p in (out / "data" / "index_cache").glob("*-train-description.txt")}

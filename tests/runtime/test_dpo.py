@@ -100,8 +100,7 @@ def _mode(compiled, tmp_path: Path, model):
     from recipec.runtime.modes import build_mode
     from recipec.runtime.modes.base import Context
 
-    plan = {"padded_vocab_size": compiled.plan.padded_vocab_size}
-    mode = build_mode(Context(config=compiled.config, plan=plan, device=torch.device("cpu"), on_gpu=False,
+    mode = build_mode(Context(config=compiled.config, plan=compiled.plan, device=torch.device("cpu"), on_gpu=False,
                               out_dir=tmp_path))
     mode.build_extra_models([model])
     mode.build_data()

@@ -12,7 +12,6 @@ import json
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 import typing
@@ -25,6 +24,9 @@ import torch
 from recipec.compiler import build
 from recipec.runtime import safe_load
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+from launch_helpers import free_tcp_port  # noqa: E402
+
 
 class Payload:
     """Pickles as `os.system("touch <sentinel>")`: what a crafted checkpoint file would carry."""
@@ -34,12 +36,6 @@ class Payload:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.sentinel}",))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_forced_weights_only_refuses_code_even_where_the_caller_asks_for_full_unpickling(
@@ -124,7 +120,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tmp_path: 
         directory = build("llama3_tiny", [f"train.train_iters={iters}", *common]).write(tmp_path / f"b{iters}")
         return subprocess.run([sys.executable, "-m", "recipec.runtime.train", "--artifact", str(directory)],
                               check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                              env={**env, "MASTER_PORT": str(_free_port()), **extra})
+                              env={**env, "MASTER_PORT": str(free_tcp_port()), **extra})
 
     first = run(4)
     assert first.returncode == 0, first.stderr[-3000:]

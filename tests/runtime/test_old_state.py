@@ -18,7 +18,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,14 +29,11 @@ pytest.importorskip("megatron.core")
 from recipec.compiler import build
 from recipec.runtime.ckpt_manifest import verify
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+from launch_helpers import torchrun_cmd  # noqa: E402
+
 COMMON = ["logging.log_interval=1", "train.eval_interval=1000", "checkpoint.save_interval=5"]
 MAX_LR, MIN_LR = 3e-3, 3e-4  # llama3_tiny's optimizer.lr and min_lr
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Run:
@@ -50,9 +46,7 @@ class Run:
                                               *overrides]).write(self.dir / "build")
 
     def run(self, rc: int = 0) -> str:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", "--rdzv-backend=c10d",
-                   f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "-m", "recipec.runtime.train",
-                   "--artifact", str(self.artifact)]
+        command = torchrun_cmd(1, "-m", "recipec.runtime.train", "--artifact", str(self.artifact))
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
         output = proc.stdout + proc.stderr

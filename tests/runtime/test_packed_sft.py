@@ -22,8 +22,9 @@ import pytest
 
 pytest.importorskip("megatron.core")
 
+from launch_helpers import torchrun_cmd
 from test_sft_e2e import reverse_task
-from test_train_e2e import REPO, TOL, _free_port, assert_close
+from test_train_e2e import REPO, TOL, assert_close  # (puts tests/launch on sys.path)
 
 RECIPE = "llama3_tiny_sft_packed"
 STEPS = 4
@@ -45,7 +46,7 @@ c = artifact.config
 activate_cpu_mode()
 dist.init_process_group("gloo")
 init_model_parallel(c)
-(model,), _ = build_model_chunks(c, artifact.plan["padded_vocab_size"], on_gpu=False)
+(model,), _ = build_model_chunks(c, artifact.plan.padded_vocab_size, on_gpu=False)
 keyed_init([model], c.train.seed, c.model.init_method_std, c.model.num_layers)
 model.eval()
 s = c.model.seq_length
@@ -158,9 +159,8 @@ def model_check(root: Path, data: Path) -> dict[str, object]:
     script = run.dir / "check.py"
     script.write_text(MODEL_CHECK)
     result = run.dir / "result.json"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", "--rdzv-backend=c10d",
-                           f"--rdzv-endpoint=127.0.0.1:{_free_port()}", str(script), str(run.dir / "build"),
-                           str(result)], cwd=REPO, capture_output=True, text=True, timeout=300, env=_env(), check=False)
+    proc = subprocess.run(torchrun_cmd(1, str(script), str(run.dir / "build"), str(result)), cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=_env(), check=False)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return json.loads(result.read_text())
 

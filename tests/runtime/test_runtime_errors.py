@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,14 +22,11 @@ from recipec.compiler.render import fingerprint
 from recipec.runtime.artifact import load_artifact
 from recipec.runtime.boundary import guarded, missing_launcher_env, user_message
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+from launch_helpers import free_tcp_port  # noqa: E402
+
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE",
                  "GROUP_RANK", "TORCHELASTIC_RUN_ID")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(one_rank: bool) -> dict[str, str]:
@@ -38,7 +34,7 @@ def _env(one_rank: bool) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     if one_rank:
-        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_tcp_port()))
     return env
 
 

@@ -15,7 +15,9 @@ import pytest
 
 pytest.importorskip("megatron.core")
 
-from test_train_e2e import Run, _free_port, assert_close  # noqa: E402
+from test_train_e2e import Run, assert_close  # noqa: E402  (puts tests/launch on sys.path)
+
+from launch_helpers import free_tcp_port  # noqa: E402
 
 from recipec.compiler import build  # noqa: E402
 
@@ -91,7 +93,7 @@ def test_malformed_sft_line_exits_2_naming_file_and_line(tmp_path: Path, data: P
                                       f"launch.output_dir={tmp_path / 'out'}", "~checkpoint.save",
                                       "~checkpoint.save_interval", "~checkpoint.keep_last"]).write(tmp_path / "b")
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_tcp_port()), "OMP_NUM_THREADS": "1",
            "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "-m", "recipec.runtime.train", "--artifact", str(directory)],
                           capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)

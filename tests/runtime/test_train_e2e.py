@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,16 +25,13 @@ pytest.importorskip("megatron.core")
 from recipec.compiler import ArtifactError, build  # noqa: E402
 from recipec.runtime.artifact import load_artifact  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+from launch_helpers import free_tcp_port, torchrun_cmd  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 TOL = 1e-5
 COMMON = ["scheduler.lr_decay_iters=10", "logging.log_interval=1", "train.eval_interval=5", "train.eval_iters=1",
           "checkpoint.save_interval=5", "checkpoint.keep_last=2"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Run:
@@ -51,9 +47,7 @@ class Run:
         self.artifact = compiled.write(self.dir / "build")
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.nproc}",
-                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
-                "-m", "recipec.runtime.train", "--artifact", str(self.artifact)]
+        return torchrun_cmd(self.nproc, "-m", "recipec.runtime.train", "--artifact", str(self.artifact))
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
@@ -347,7 +341,7 @@ def test_missing_data_files_are_a_clear_error(tmp_path: Path) -> None:
     directory = build("llama3_tiny", ["data.kind=indexed", 'data.paths=["nowhere/corpus_text_document"]',
                                       "tokenizer.type=null"]).write(tmp_path / "b")
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port()), "CUDA_VISIBLE_DEVICES": ""}
+           "MASTER_PORT": str(free_tcp_port()), "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, "-m", "recipec.runtime.train", "--artifact", str(directory)],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert proc.returncode == 2 and "[data.paths] no indexed dataset" in proc.stderr
