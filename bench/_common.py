@@ -63,6 +63,35 @@ def child_env(cpu: bool, extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+# Lines torchrun's agent adds after a rank fails: never the reason.
+_AGENT_NOISE = re.compile(r"ChildFailedError|To enable traceback|error_file:|elastic/multiprocessing|"
+                          r"torch/distributed/run\.py|^\s*raise |Root Cause|FAILED$")
+_PREFIXES = re.compile(r"^(?:[\d.]+\s+)?(?:\[[^\]]*\]:\s*)*")  # a bench timestamp, [default0]:[rank0]:
+_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Interrupt): \S")
+
+
+def failure_reason(log: str) -> str:
+    """Why a launch failed, in one line: what recipec said (`recipec: error: ...`, a numbered list of
+    problems folded in), else the first exception a rank raised (`[rank0]: ValueError: ...`), else the
+    last line that looks like an error, torchrun's own ChildFailedError report skipped."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if "recipec: error:" in line:
+            head = line.split("recipec: error:", 1)[1].strip()
+            items = []
+            for follow in lines[i + 1:]:
+                if not re.match(r"\d+\. ", follow):
+                    break
+                items.append(follow.split(" ", 1)[1])
+            return "; ".join([head.rstrip(":"), *items]) if items else head
+    useful = [line for line in lines if not _AGENT_NOISE.search(line)]
+    raised = [bare for bare in (_PREFIXES.sub("", line) for line in useful) if _EXCEPTION.match(bare)]
+    if raised:
+        return raised[0][:400]
+    errors = [line for line in useful if re.search(r"(Error|error)\b", line)]
+    return (errors or useful or lines or ["no output"])[-1][:400]
+
+
 # ---------------------------------------------------------------- running a launch
 
 STEP_LINE = re.compile(r"\bstep\s+(\d+)/(\d+)\s*\|")

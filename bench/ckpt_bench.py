@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     CheckpointWatcher,
     dd_throughput,
+    failure_reason,
     fmt,
     gbps,
     launch,
@@ -160,7 +161,7 @@ def run_case(args: argparse.Namespace, shape: str, mode: str, fs: Path, out: Pat
     res.update(train_rc=train.rc, train_wall_s=train.wall_s, median_step_s=median, saves=per_save, interval=interval,
                startup=startup_breakdown(rows, train.text))
     if train.rc != 0:
-        res["error"] = f"train launch exited {train.rc}"
+        res["error"] = f"train launch exited {train.rc}: {failure_reason(train.text)}"
         res["tail"] = train.tail()
         print(train.tail(), flush=True)
         return res
@@ -173,7 +174,7 @@ def run_case(args: argparse.Namespace, shape: str, mode: str, fs: Path, out: Pat
                resume_startup=startup_breakdown(read_jsonl(metrics), again.text),
                resume_first_step_line_s=again.first_step_s())
     if again.rc != 0:
-        res["error"] = f"resume launch exited {again.rc}"
+        res["error"] = f"resume launch exited {again.rc}: {failure_reason(again.text)}"
         res["tail"] = again.tail()
         print(again.tail(), flush=True)
     if not args.keep:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fmt, launch, read_jsonl
+from _common import failure_reason, fmt, launch, read_jsonl
 
 # row name -> (recipe, overrides that make it fit one GPU). `name@N` sets N layers.
 ROWS: dict[str, tuple[str, list[str]]] = {
@@ -114,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                 except (RuntimeError, OSError, KeyError, ValueError) as exc:
                     row["error"] = f"no measurement: {exc}"
             else:
-                row["error"] = next((line for line in reversed(run.text.splitlines()) if "error" in line.lower()),
-                                    run.tail(1))[:200]
+                row["error"] = failure_reason(run.text)[:300]
             results.append(row)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "family_bench.json").write_text(json.dumps(results, indent=2))

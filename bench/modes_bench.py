@@ -43,7 +43,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fmt, launch, per_step_times, read_jsonl, recipec_pythonpath
+from _common import (
+    failure_reason,
+    fmt,
+    launch,
+    per_step_times,
+    read_jsonl,
+    recipec_pythonpath,
+)
 
 PARTS = ("sft", "dpo", "distill")
 TINY = ["launch.accelerator=cpu", "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
@@ -96,7 +103,7 @@ def chat_records(path: Path, n: int, seq: int, seed: int = 0, preference: bool =
 def base_overrides(args: argparse.Namespace, out_dir: Path, data: Path) -> list[str]:
     ov = ["launch.nodes=1", "launch.gpus_per_node=1", "parallel.tensor_model_parallel_size=1",
           "parallel.pipeline_model_parallel_size=1", "parallel.context_parallel_size=1",
-          f"train.train_iters={args.steps}", "logging.log_interval=1", "~train.eval_interval",
+          f"train.train_iters={args.steps}", "scheduler.lr_warmup_iters=1", f"scheduler.lr_decay_iters={args.steps}", "logging.log_interval=1", "~train.eval_interval",
           "~checkpoint.save", "~checkpoint.save_interval", "~checkpoint.keep_last", "~checkpoint.load",
           "~checkpoint.pretrained", "tokenizer.type=byte", "~tokenizer.path", 'data.split="1,0,0"',
           "data.num_workers=0", f"data.paths=[{json.dumps(str(data))}]", f"launch.output_dir={json.dumps(str(out_dir))}"]
@@ -125,7 +132,7 @@ def run_row(args: argparse.Namespace, name: str, recipe: str, overrides: list[st
                            "mem_gib": max([float(r.get("mem_gib") or 0) for r in rows] or [0.0]),
                            "events": [r for r in rows if "event" in r and r["event"] != "startup"]}
     if res.rc != 0 or row["step_s"] is None:
-        row["error"] = f"recipec launch exited {res.rc}" if res.rc else "no timed steps"
+        row["error"] = f"recipec launch exited {res.rc}: {failure_reason(res.text)}" if res.rc else "no timed steps"
         row["tail"] = res.tail()
         print(res.tail(), flush=True)
     return row

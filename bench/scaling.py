@@ -46,7 +46,6 @@ import argparse
 import json
 import math
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -57,6 +56,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import failure_reason
+
 LAYOUTS = {"dp": None, "tp": "tensor_model_parallel_size", "pp": "pipeline_model_parallel_size",
            "cp": "context_parallel_size"}
 PARALLEL_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size")
@@ -162,21 +164,7 @@ def fresh_dir(path: Path, remove: bool) -> None:
 
 # ---------------------------------------------------------------- running and reading
 
-def one_line_reason(log: str) -> str:
-    """What recipec said was wrong (`recipec: error: ...`, with a list of problems folded into one
-    line), else the last line that looks like an error, else the last line."""
-    lines = [line.strip() for line in log.splitlines() if line.strip()]
-    for i, line in enumerate(lines):
-        if "recipec: error:" in line:
-            head = line.split("recipec: error:", 1)[1].strip()
-            items = []
-            for follow in lines[i + 1:]:
-                if not re.match(r"\d+\. ", follow):
-                    break
-                items.append(follow.split(" ", 1)[1])
-            return "; ".join([head.rstrip(":"), *items]) if items else head
-    errors = [line for line in lines if re.search(r"(Error|error)\b", line)]
-    return (errors or lines or ["no output"])[-1][:400]
+one_line_reason = failure_reason  # what a row says when its launch failed
 
 
 def run_launch(argv: list[str], env: dict[str, str], run_dir: Path, timeout_s: float) -> tuple[int, str]:

@@ -272,7 +272,7 @@ def estimate_memory(config: RecipeConfig, vocab: int, data_parallel: int, microb
     layer_dense = c.layers(busiest * per, (busiest + 1) * per)[0]  # what FP8 keeps copies of
     share = 1.0 if config.peft.method is None else 0.01
     grad_bytes = 4 if prec.grad_reduce_in_fp32 or prec.dtype == "fp32" else 2
-    state_bytes = (0 if prec.dtype == "fp32" else 4) + (8 if config.optimizer.optimizer == "adam" else 4)
+    state_bytes = _optimizer_state_bytes(config)
     # Megatron-Core shards optimizer states over data x context ranks for dense parameters and
     # over the expert-data-parallel ranks (world / (ETP x EP x PP)) for experts.
     dense_shards = data_parallel * cp if config.optimizer.use_distributed_optimizer else 1
@@ -323,3 +323,24 @@ def _activation_bytes(config: RecipeConfig, vocab: int, microbatches: int) -> fl
     # Vocab-parallel cross entropy keeps one fp32 softmax of the logits for backward (last stage).
     logits = s * b * vocab / tp * 4
     return stored * in_flight + (logits if pp == 1 else 0)
+
+
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
+
+
+def _optimizer_state_bytes(config: RecipeConfig) -> int:
+    """Bytes of optimizer state per trained parameter: the master copy (none when the model is fp32)
+    and Adam's two moments (SGD: one buffer). With optimizer.use_precision_aware_optimizer the moments
+    take their configured dtypes, and an fp32 master of bf16 weights is kept as its 16-bit remainder
+    (Megatron-Core's store_param_remainders, on by default): bf16 moments measured 6.9 GiB less than
+    fp32 ones on the 1B recipe, 6 bytes a parameter (bench/RESULTS.md, session 5)."""
+    o, dtype = config.optimizer, config.precision.dtype
+    if not o.use_precision_aware_optimizer:
+        return (0 if dtype == "fp32" else 4) + (8 if o.optimizer == "adam" else 4)
+    if dtype == "fp32":
+        master = 0
+    elif dtype == "bf16" and o.main_params_dtype == "fp32":
+        master = 2
+    else:
+        master = DTYPE_BYTES[o.main_params_dtype]
+    return master + DTYPE_BYTES[o.exp_avg_dtype] + DTYPE_BYTES[o.exp_avg_sq_dtype]

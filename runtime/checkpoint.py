@@ -286,7 +286,9 @@ def _load(load: _Load, chunks: list[Any], optimizer: Any, scheduler: Any) -> tup
         raise LayoutChangeError(
             f"{directory} holds dp_reshardable optimizer state saved under TP {saved.get('tp')} x PP "
             f"{saved.get('pp')}; it resumes only under that layout (now TP {now['tp']} x PP {now['pp']}). "
-            "Resume with the saved layout, or start from its weights with checkpoint.pretrained")
+            "Resume with the saved layout, resume from the run's final checkpoint (with the default "
+            "optimizer_sharding 'auto' it is fully_reshardable), or start from its weights with "
+            "checkpoint.pretrained; checkpoint.optimizer_sharding=\"fully_reshardable\" makes every save portable")
     if with_optimizer:
         prime_optimizer_state_for_load(optimizer)
     with torch.no_grad():
@@ -303,7 +305,8 @@ def _load(load: _Load, chunks: list[Any], optimizer: Any, scheduler: Any) -> tup
         getattr(chunk, "module", chunk).load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=True)
     schedule = ""
     if with_optimizer:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # dp_reshardable copies into fp32 main params that are views of the model's leaves
+            optimizer.load_state_dict(loaded["optimizer"])
         schedule = restore_schedule(scheduler, loaded["scheduler"], override=load.override_schedule)
     if same_layout and "rng_state" in loaded:
         restore_rng(loaded["rng_state"])

@@ -114,21 +114,23 @@ class Saver:
         self.device, self.model, self.async_save = device, model or {}, async_save
         self.pending: _Pending | None = None
 
-    def save(self, step: int, chunks: list[Any], optimizer: Any, scheduler: Any) -> None:
-        """Write checkpoint `step` into its temporary directory; it completes at poll()/finish()."""
+    def save(self, step: int, chunks: list[Any], optimizer: Any, scheduler: Any, final: bool = False) -> None:
+        """Write checkpoint `step` into its temporary directory; it completes at poll()/finish().
+        final: the run's last save (not a stop signal's), the one `auto` sharding makes portable."""
         started = time.perf_counter()
         self.finish()
         waited = time.perf_counter() - started
-        final, tmp = step_dir(self.root, step), self.root / f".tmp_iter_{step:07d}"
+        target, tmp = step_dir(self.root, step), self.root / f".tmp_iter_{step:07d}"
         self._prepare(step, tmp)
         # optimizer None: a weights-only checkpoint (what `convert hf-to-mcore` writes): no optimizer and no
         # RNG state, and a layout that never equals a run's, so checkpoint._load never asks it for RNG state.
         weights_only = optimizer is None
+        sharding = optimizer_sharding(self.sharding, final)
         state = sharded_state(chunks, optimizer, scheduler, loading=False, with_optimizer=not weights_only,
-                              with_rng=not weights_only, sharding=self.sharding)
+                              with_rng=not weights_only, sharding=sharding)
         saved_layout = {**layout(), "source": "weights"} if weights_only else layout()
         meta = {"step": step, "fingerprint": self.fingerprint, "layout": saved_layout,
-                "optimizer_sharding": self.sharding, **self.model}
+                "optimizer_sharding": sharding, **self.model}
         state["recipec"] = {"step": step, "fingerprint": self.fingerprint, "layout": meta["layout"]}
         error: BaseException | None = None
         write_s = 0.0
@@ -139,7 +141,7 @@ class Saver:
             writing = time.perf_counter()
             with protected_writers(ResultBox() if self.async_save else None):
                 request = dist_checkpointing.save(state, str(tmp), sharded_strategy=save_strategy(),
-                                                  async_sharded_save=self.async_save)
+                                                  async_sharded_save=self.async_save, **_async_strategy())
                 if request is not None:
                     background = BackgroundWrite(request, tmp)
             write_s = time.perf_counter() - writing
@@ -154,7 +156,7 @@ class Saver:
             hasher = manifest.Hasher(tmp, [n for n in manifest.listing(tmp) if manifest.owner(n, world) == rank])
             hasher.start()
         stall = time.perf_counter() - started
-        self.pending = _Pending(step, tmp, final, hasher, meta, stall_s=stall, write_s=0.0 if background else write_s,
+        self.pending = _Pending(step, tmp, target, hasher, meta, stall_s=stall, write_s=0.0 if background else write_s,
                                 background=background)
         if background is not None and dist.get_rank() == 0:
             earlier = f", of which {waited * 1000:.0f} ms waiting for the previous save" if waited >= 0.0005 else ""
@@ -380,3 +382,23 @@ def _full_message(root: Path, step: int, free: int, need: int | None, removed: P
     return (f"disk full at {root}: checkpoint step {step} does not fit ({free / 2**20:.1f} MiB free{size}){gone}; "
             f"earlier checkpoints are untouched\n   hint: free space there, lower checkpoint.keep_last, or point "
             "checkpoint.save at a larger file system, then relaunch to resume from the last complete checkpoint")
+
+
+def optimizer_sharding(setting: str, final: bool) -> str:
+    """checkpoint.optimizer_sharding for one save. `auto`: periodic and stop-signal saves are
+    dp_reshardable (each rank writes its flat shard: no gather, no stall beyond the write or the
+    staging), the run's final save fully_reshardable (its optimizer state resumes under any layout).
+    The manifest records the one used, and the load reads it from there."""
+    if setting != "auto":
+        return setting
+    return "fully_reshardable" if final else "dp_reshardable"
+
+
+def _async_strategy() -> dict[str, str]:
+    """Megatron-Core 0.19 defaults its async save to NVRx (nvidia-resiliency-ext), which recipec does not
+    install; its own `mcore` strategy is what 0.16 always used. Older versions have no such argument."""
+    import inspect
+
+    from megatron.core import dist_checkpointing
+
+    return {"async_strategy": "mcore"} if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters else {}

@@ -196,7 +196,7 @@ def train(t: Trainer) -> None:
             if t.saver is not None:
                 if (due_save or stopping or last) and step != last_saved:
                     # Returns once the data is written; hashing and the rename into place follow.
-                    t.saver.save(step, t.chunks, t.optimizer, t.scheduler)
+                    t.saver.save(step, t.chunks, t.optimizer, t.scheduler, final=last and not stopping)
                     last_saved = step
                 if stopping or last:
                     t.saver.finish()  # waits for the hashes: the run ends with a complete checkpoint

@@ -103,7 +103,13 @@ def test_no_torch_at_import_and_one_line_reasons() -> None:
     assert reason.startswith("2 problems in this recipe; recipes_toml/llama3_tiny.toml:11: [model.num_attention_heads]")
     assert "[model.num_query_groups]" in reason and "\n" not in reason
     crash = "[default0]: Traceback (most recent call last):\n  File x\n[default0]: RuntimeError: boom\ntorchrun noise\n"
-    assert scaling.one_line_reason(crash) == "[default0]: RuntimeError: boom"
+    assert scaling.one_line_reason(crash) == "RuntimeError: boom"
+    # What a rank's failure looked like on the GPU (session 5): the first exception, not torchrun's report.
+    gpu = ("   87.782 [default0]:[rank0]: ModuleNotFoundError: No module named 'nvidia_resiliency_ext'\n"
+           "   87.782 [default0]:[rank0]:     raise ModuleNotFoundError(\n"
+           "   95.046     raise ChildFailedError(\n   95.046 torch.distributed.elastic.multiprocessing.errors."
+           "ChildFailedError: \n   95.046   traceback : To enable traceback see: https://pytorch.org/docs\n")
+    assert scaling.one_line_reason(gpu) == "ModuleNotFoundError: No module named 'nvidia_resiliency_ext'"
     failed = {"layout": "pp", "gpus": 8, "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 8,
               "context_parallel_size": 1, "status": "failed", "exit_code": 124, "reason": "stopped after 9 s"}
     assert scaling.table([failed]).splitlines()[-1].endswith("-  failed (exit 124): stopped after 9 s")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -191,6 +192,24 @@ def test_checkpoint_saved_under_tp2_resumes_under_tp1(root: Path, reference: Run
     output = run.run()
     assert "resumed from" in output and "at step 5" in output
     assert_close(run.losses(), reference.losses(), range(6, 11), "TP=2 checkpoint continued under TP=1")
+
+
+def test_auto_sharding_saves_fast_during_the_run_and_portable_at_its_end(root: Path, reference: Run) -> None:
+    """checkpoint.optimizer_sharding='auto': the periodic save at step 5 is dp_reshardable (no gather:
+    the ~60 s a 1B save spent gathering on an H200), the final one at step 10 fully_reshardable; a
+    periodic one under another TP is refused by name, the final one resumes under TP=2 (above, the
+    other way round)."""
+    sharding = {int(d.name[5:]): json.loads((d / "recipec_manifest.json").read_text())["optimizer_sharding"]
+                for d in reference.ckpt.glob("iter_*")}
+    assert sharding == {5: "dp_reshardable", 10: "fully_reshardable"}
+    periodic = root / "periodic_only"
+    shutil.copytree(reference.ckpt / "iter_0000005", periodic / "iter_0000005")
+    run = Run(root, "periodic_under_tp2", 2, "train.train_iters=10", "parallel.tensor_model_parallel_size=2",
+              f"checkpoint.load={periodic}")
+    proc = subprocess.run(run.command(), env=run.env(), capture_output=True, text=True, timeout=300, cwd=run.dir)
+    assert proc.returncode != 0
+    assert "dp_reshardable optimizer state saved under TP 1" in proc.stdout + proc.stderr
+    assert "run's final checkpoint" in proc.stdout + proc.stderr
 
 
 def test_tampered_artifact_is_refused(tmp_path: Path) -> None:

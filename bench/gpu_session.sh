@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One lease of the GPU machine, planned: the GPU rows of issues 12, 13 and 15 in three calls of at
+# most ten minutes each, after shared/tools/te-on-device has installed TE and megatron-core in
+# /tmp/site. On a two-GPU machine the two chains of a phase run side by side, one per GPU; on one GPU
+# they run one after the other (and the deadlines cut what does not fit).
+#
+#   bash bench/gpu_session.sh a    # GPU0: ckpt_bench async (1b, 8b) | GPU1: family_bench --fp8
+#   bash bench/gpu_session.sh b    # GPU0: modes_bench               | GPU1: gpu_bench 8-microbatch rows
+#   bash bench/gpu_session.sh c    # scaling.py llama32_1b at DP, TP, PP, CP on 1 and 2 GPUs
+#
+# Everything lands under $OUT/<phase>/ (JSON, logs); each chain's table is printed last.
+set -u
+phase=${1:?phase a, b or c}
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+out=${OUT:-/tmp/out}/$phase
+mkdir -p "$out"
+ngpu=$(nvidia-smi -L | wc -l)
+acc=H200-141GB
+nvidia-smi -L | grep -q H100 && acc=H100-80GB
+
+# chain GPU SECONDS NAME COMMAND...: COMMAND on one GPU, its output in $out/NAME.log
+chain() {
+  local gpu=$1 secs=$2 name=$3; shift 3
+  CUDA_VISIBLE_DEVICES=$gpu timeout -k 10 "$secs" "$@" >"$out/$name.log" 2>&1
+  echo "== $name: exit $?" >>"$out/$name.log"
+}
+
+run_pair() {  # two chains: side by side on two GPUs, else one after the other on GPU 0
+  local secs=$1
+  if [ "$ngpu" -ge 2 ]; then
+    chain 0 "$secs" "$2" bash -c "$3" & chain 1 "$secs" "$4" bash -c "$5" & wait
+  else
+    chain 0 $((secs / 2)) "$2" bash -c "$3"; chain 0 $((secs / 2)) "$4" bash -c "$5"
+  fi
+  for name in "$2" "$4"; do echo "######## $name"; tail -n 40 "$out/$name.log"; done
+}
+
+case $phase in
+a)
+  run_pair 560 \
+    ckpt "python3 bench/ckpt_bench.py --shapes 1b,8b --modes async --saves 2 --save-interval 6 --dir /tmp \
+          --out $out/ckpt --deadline-s 330 --timeout-s 240 --override launch.accelerator=$acc" \
+    family "python3 bench/family_bench.py --fp8 --rows gemma3_1b,gemma3_27b,deepseek_v3,gpt_oss_20b \
+          --steps 12 --warmup 4 --timeout-s 150 --accelerator $acc --out $out/family" ;;
+b)
+  run_pair 560 \
+    modes "python3 bench/modes_bench.py --steps 10 --warmup 3 --records 1500 --timeout-s 200 --out $out/modes" \
+    gpu "python3 bench/gpu_bench.py --steps 20 --warmup 10 --deadline-s 470 --out $out/gpu \
+          --variants hf,bf16,bf16+mb1,bf16+pao,fp8_delayed,fp8_blockwise,hf@8b,bf16@8b,fp8_blockwise@8b" ;;
+c)
+  timeout -k 10 560 python3 bench/scaling.py llama32_1b --gpus 1,2 --layouts dp,tp,pp,cp --steps 15 \
+    --warmup 5 --log-interval 5 --timeout-s 150 --out /tmp/scaling --json "$out/scaling.json" \
+    >"$out/scaling.log" 2>&1
+  echo "== scaling: exit $?"; tail -n 40 "$out/scaling.log" ;;
+*) echo "phase a, b or c"; exit 2 ;;
+esac
