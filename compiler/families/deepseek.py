@@ -6,7 +6,7 @@ What makes them their own families, each mapped onto a generic Megatron-Core fea
   projection), keys/values through one shared `kv_lora_rank` latent plus a `qk_rope_head_dim` RoPE key;
   per head `qk_nope_head_dim` + `qk_rope_head_dim` for q/k and `v_head_dim` for v; RMSNorms on both
   latents (`qk_layernorm = true` in Megatron's MLA spec);
-- YaRN RoPE with DeepSeek's mscale: cos/sin scaled by mscale(f, mscale) / mscale(f, mscale_all_dim),
+- RoPE, plain or YaRN with DeepSeek's mscale: cos/sin scaled by mscale(f, mscale) / mscale(f, mscale_all_dim),
   the softmax by mscale(f, mscale_all_dim)^2 / sqrt(q head dim);
 - `first_k_dense_replace` dense SwiGLU layers (`intermediate_size`), then MoE layers
   (`moe_first_k_dense`) with `n_shared_experts` shared experts of `moe_intermediate_size` each;
@@ -32,14 +32,18 @@ from . import _decoder as d
 from .base import Family, FamilyProblem, ModelFields
 
 HF_TOP_PER_GROUP = 2  # transformers' DeepseekV3TopkRouter scores a group by its top-2 experts
+HF_Q_LORA_RANK = 1536  # DeepseekV2Config's and DeepseekV3Config's q_lora_rank when config.json has none
 
 
 def _import_mla(c: HFConfig, m: ModelFields) -> None:
     m.put("multi_latent_attention", True)
     m.put("qk_layernorm", True)  # q_a_layernorm / kv_a_layernorm: Megatron's MLA spec builds them with it
-    q_rank = c.integer("q_lora_rank", None)
-    if q_rank is not None:
-        m.put("q_lora_rank", q_rank, "q_lora_rank")
+    # The family bases set no q_lora_rank (recipes_toml/_models/ do): null means a full query projection,
+    # the schema's default; a missing key means transformers' default rank.
+    if "q_lora_rank" not in c.data:
+        m.put("q_lora_rank", HF_Q_LORA_RANK, "q_lora_rank")
+    elif c.data["q_lora_rank"] is not None:
+        m.put("q_lora_rank", c.integer("q_lora_rank"), "q_lora_rank")
     m.put("kv_lora_rank", c.integer("kv_lora_rank"), "kv_lora_rank")
     m.put("qk_head_dim", c.integer("qk_nope_head_dim"), "qk_nope_head_dim")
     m.put("qk_pos_emb_head_dim", c.integer("qk_rope_head_dim"), "qk_rope_head_dim")
@@ -51,17 +55,13 @@ def _import_mla(c: HFConfig, m: ModelFields) -> None:
                    "expressed: Megatron's MLA rotates interleaved pairs, as DeepSeek's checkpoints are laid out")
 
 
-def _import_yarn(c: HFConfig, m: ModelFields) -> None:
-    """YaRN as transformers applies it to DeepSeek (rope_parameters in 5.x, rope_scaling in 4.x)."""
+def _import_rope(c: HFConfig, m: ModelFields) -> None:
+    """RoPE as transformers applies it to DeepSeek (rope_parameters in 5.x, rope_scaling in 4.x): plain
+    (rope_type "default": Megatron's MLA rope_type "rope"; the family bases set no scaling, so nothing is
+    written), or YaRN, whose every field is written."""
     d.import_rope(c, m, yarn=True)
     if m.get("rope_scaling") is None:
-        # The _base/deepseek_v* recipe the import extends sets YaRN, and a recipe file cannot unset a key:
-        # the import would silently keep the base's YaRN (logits off by ~5e-3 on a tiny model).
-        where = "rope_parameters.rope_type" if c.table("rope_parameters") is not None else "rope_scaling"
-        raise fail(where, "DeepSeek with plain RoPE (no YaRN) cannot be imported yet: the DeepSeek base recipe "
-                   "sets YaRN and an imported recipe cannot unset it",
-                   hint="write the recipe by hand (extends _base/pretrain, every [model] key set), or import a "
-                   "config with YaRN scaling")
+        return
     _theta, scaling, _ = d.rope_parameters(c)
     assert scaling is not None
     where = scaling.prefix
@@ -101,11 +101,6 @@ def _import_experts(c: HFConfig, m: ModelFields) -> int | None:
 
 
 def _import_v3(c: HFConfig, m: ModelFields) -> None:
-    if "q_lora_rank" in c.data and c.data["q_lora_rank"] is None:  # absent: transformers' 1536, the base's
-        # same cause as plain RoPE in _import_yarn
-        raise fail("q_lora_rank", "DeepSeek-V3 without a q LoRA (q_lora_rank null) cannot be imported yet: the "
-                   "DeepSeek-V3 base recipe sets q_lora_rank = 1536 and an imported recipe cannot unset it",
-                   hint="write the recipe by hand (extends _base/pretrain, every [model] key set)")
     _import_common(c, m)
     topk = _import_experts(c, m)
     if topk is None:
@@ -174,7 +169,7 @@ def _import_common(c: HFConfig, m: ModelFields) -> None:
     d.import_decoder(c, m)
     d.refuse_window(c)
     _import_mla(c, m)
-    _import_yarn(c, m)
+    _import_rope(c, m)
 
 
 def _export(model: ModelConfig, cfg: dict[str, Any]) -> None:
@@ -251,11 +246,11 @@ def _validate(model: ModelConfig) -> Iterable[FamilyProblem]:
 
 FAMILIES = (
     Family(name="deepseek_v3", summary="DeepSeek-V3: MLA, dense-then-MoE, shared expert, sigmoid group-limited "
-           "routing with expert bias, YaRN, optional MTP",
+           "routing with expert bias, YaRN or plain RoPE, optional MTP",
            hf_model_types=("deepseek_v3",), hf_class="DeepseekV3ForCausalLM", base="_base/deepseek_v3",
            import_hf=_import_v3, export_hf=_export_v3, validate=_validate),
     Family(name="deepseek_v2", summary="DeepSeek-V2 / V2-Lite: MLA, dense-then-MoE, shared experts, softmax "
-           "routing, YaRN",
+           "routing, YaRN or plain RoPE",
            hf_model_types=("deepseek_v2",), hf_class="DeepseekV2ForCausalLM", base="_base/deepseek_v2",
            import_hf=_import_v2, export_hf=_export_v2, validate=_validate),
 )

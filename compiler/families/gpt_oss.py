@@ -5,8 +5,10 @@ What makes it its own family, each mapped onto a generic Megatron-Core feature:
 - alternating attention: layer_types sliding/full/sliding/... (`window_attn_skip_freq = 2`), with a
   window of `sliding_window` keys *including the query itself*, which is Megatron's
   `window_size = sliding_window - 1` (keys to the left; Megatron-Bridge maps it the same way);
+  full attention on every layer imports without a window;
 - biases on q/k/v/o, on the router and on every expert (`add_bias_linear`);
-- YaRN RoPE (factor 32 over 4096 positions, beta 32/1, `truncate = false`: `rope_yarn_truncate`);
+- YaRN RoPE (factor 32 over 4096 positions, beta 32/1, `truncate = false`: `rope_yarn_truncate`), or
+  plain RoPE (rope_type "default");
 - MoE experts with a clamped SwiGLU variant: `(clamp(up, -7, 7) + 1) * g * sigmoid(1.702 g)` with
   `g = clamp(gate, max=7)`, i.e. quick_gelu + `glu_linear_offset = 1` + `activation_func_clamp_value`;
 - a router that takes the top-k logits, then softmaxes them (`moe_router_pre_softmax = false`).
@@ -51,19 +53,16 @@ def layer_pattern(num_layers: int, skip_freq: int | None) -> list[str]:
 
 
 def _import_window(c: HFConfig, m: ModelFields, num_layers: int) -> None:
-    """sliding_window + layer_types -> window_size + window_attn_skip_freq (a period Megatron can express)."""
+    """sliding_window + layer_types -> window_size + window_attn_skip_freq (a period Megatron can express);
+    nothing for a model without sliding layers."""
     types = c.texts("layer_types")
     if types is None:  # GptOssConfig's default: sliding on even (0-based) layers
         types = layer_pattern(num_layers, 2)
     if len(types) != num_layers or any(t not in (SLIDING, FULL) for t in types):
         raise fail("layer_types", f"layer_types must list {num_layers} entries of {SLIDING!r}/{FULL!r}, got "
                    f"{shown(repr(types), 120)}")
-    if SLIDING not in types:
-        # _base/gpt_oss.toml sets window_size 127, and an imported recipe cannot unset a key: the import
-        # would silently keep that window (found by tests/hf/test_new_user_families.py).
-        raise fail("layer_types", "GPT-OSS without sliding-window layers cannot be imported yet: the gpt_oss base "
-                   "recipe sets a 128-token window and an imported recipe cannot unset it",
-                   hint="write the recipe by hand (extends _base/pretrain, every [model] key set)")
+    if SLIDING not in types:  # full attention everywhere (as transformers, sliding_window is then unused)
+        return  # _base/gpt_oss.toml sets no window (the published models' is in recipes_toml/_models/)
     if "sliding_window" in c.data and c.data["sliding_window"] is None:
         raise fail("sliding_window", "sliding_window is null but layer_types has sliding layers",
                    hint="give the window (gpt-oss: 128) or make every layer full_attention")
@@ -78,18 +77,16 @@ def _import_window(c: HFConfig, m: ModelFields, num_layers: int) -> None:
 
 
 def _import_rope(c: HFConfig, m: ModelFields) -> None:
-    """YaRN as GptOssConfig reads it (its defaults when config.json names no RoPE at all)."""
+    """RoPE as GptOssConfig reads it: its YaRN defaults when config.json names no RoPE at all, plain RoPE
+    for rope_type "default" (nothing written: _base/gpt_oss.toml sets no scaling)."""
     if c.table("rope_parameters") is None and c.table("rope_scaling") is None:
         c = HFConfig({**c.data, "rope_scaling": DEFAULT_YARN}, c.prefix)
     if not c.has("rope_theta") and not (c.table("rope_parameters") and c.table("rope_parameters").has("rope_theta")):
         c = HFConfig({**c.data, "rope_theta": DEFAULT_THETA}, c.prefix)
     d.import_rope(c, m, yarn=True)
     _theta, scaling, _field = d.rope_parameters(c)
-    if scaling is None:  # same cause as full attention everywhere in _import_window
-        where = "rope_parameters.rope_type" if c.table("rope_parameters") is not None else "rope_scaling"
-        raise fail(where, "GPT-OSS with plain RoPE (no YaRN) cannot be imported yet: the gpt_oss base recipe sets "
-                   "YaRN and an imported recipe cannot unset it",
-                   hint="write the recipe by hand (extends _base/pretrain, every [model] key set)")
+    if scaling is None:
+        return
     if scaling.has("attention_factor"):
         raise fail(f"{scaling.prefix}attention_factor", "an explicit YaRN attention_factor cannot be expressed: "
                    "Megatron derives it from factor (and mscale/mscale_all_dim)")
