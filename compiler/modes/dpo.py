@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from ..schema._fields import option
+from ._sft_data import needs_jsonl
 from .base import ExtraModel
 
 if TYPE_CHECKING:
@@ -57,10 +58,8 @@ class DPO:
 
     def rules(self, config: RecipeConfig) -> Iterator[Finding]:
         d, t, p = config.data, config.train, config.parallel
-        if d.kind != "sft":
-            yield ("data.kind", (f'train.mode "dpo" reads jsonl preference records ({{"prompt", "chosen", '
-                   f'"rejected"}}) through the jsonl reader, but data.kind is {d.kind!r}'),
-                   'set data.kind="sft" and data.paths to your *.jsonl files')
+        yield from needs_jsonl(config, self.name, 'jsonl preference records ({"prompt", "chosen", "rejected"}) '
+                               "through the jsonl reader")
         if d.packing:
             yield ("data.packing", ("train.mode \"dpo\" puts one sequence per row (a pair's chosen and rejected "
                    "side by side); packing is not supported for preference pairs"), "unset it with ~data.packing")

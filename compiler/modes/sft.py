@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
+from ._sft_data import needs_jsonl
+
 if TYPE_CHECKING:
     from ..schema import RecipeConfig
     from .base import ExtraModel, Finding
@@ -22,9 +24,7 @@ class SFT:
 
     def rules(self, config: RecipeConfig) -> Iterator[Finding]:
         d, t, p = config.data, config.train, config.parallel
-        if d.kind != "sft":
-            yield ("data.kind", (f'train.mode "sft" reads jsonl prompt/response or messages records, '
-                   f"but data.kind is {d.kind!r}"), 'set data.kind="sft" and data.paths to your *.jsonl files')
+        yield from needs_jsonl(config, self.name, "jsonl prompt/response or messages records")
         if not d.packing:
             return
         if t.micro_batch_size != 1:

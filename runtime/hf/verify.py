@@ -31,8 +31,7 @@ import gc
 import math
 import os
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,8 @@ from recipec.compiler.schema import RecipeConfig
 from .convert import (
     Compiler,
     _no_random_init,  # one copy: it keeps the yarn_* attributes a dataclasses.replace would drop
+    _reading,
+    _sharded_tensors,
     check_hf_matches,
     compile_recipe,
     ensure_distributed,
@@ -232,46 +233,6 @@ def _hf_logits(hf_dir: Path, toks: torch.Tensor, dtype: torch.dtype, on_gpu: boo
 
 
 # ---------------------------------------------------------------- the Megatron side
-@contextmanager
-def _reading(step_dir: Path) -> Iterator[None]:
-    """A checkpoint that cannot be read is the file's fault: one HFConvertError naming it (torch DCP's
-    CheckpointException is a BaseException; a refused pickle is an UnpicklingError)."""
-    import pickle
-
-    from megatron.core.dist_checkpointing.core import CheckpointingException
-    from recipec.runtime.safe_load import refusal
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    try:
-        yield
-    except (CheckpointException, CheckpointingException, pickle.UnpicklingError, OSError, EOFError, ValueError) as exc:
-        text = str(exc).strip()
-        detail = refusal(exc) or (text.splitlines()[0] if text else type(exc).__name__)
-        raise HFConvertError(f"{step_dir} cannot be read as a dist checkpoint ({type(exc).__name__}: {detail[:300]}); "
-                             "is it damaged, or not a recipec/Megatron checkpoint?") from None
-
-
-def _tensor_shapes(sd: dict[str, Any]) -> Iterator[tuple[str, tuple[int, ...]]]:
-    """(key, global shape) of every ShardedTensor of a sharded_state_dict, factories (fused fc1) expanded."""
-    from megatron.core.dist_checkpointing.mapping import (
-        ShardedTensor,
-        ShardedTensorFactory,
-    )
-
-    stack: list[Any] = list(sd.values())
-    while stack:
-        item = stack.pop()
-        if isinstance(item, ShardedTensorFactory):
-            built = item.build()
-            stack.extend(built.values() if isinstance(built, dict) else built)
-        elif isinstance(item, ShardedTensor):
-            yield item.key, tuple(item.global_shape)
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            stack.extend(item)
-
-
 def _check_fits(step_dir: Path, saved: dict[str, Any], chunk: Any, c: RecipeConfig, padded: int) -> None:
     """The checkpoint holds the recipe's model: its manifest's model record (when it has one) and every
     tensor name and global shape agree; else one message instead of Megatron's traceback."""
@@ -285,7 +246,8 @@ def _check_fits(step_dir: Path, saved: dict[str, Any], chunk: Any, c: RecipeConf
                                  f"(saved -> recipe: {ckpt_compat.describe(structure)}); pass the recipe the "
                                  "checkpoint was made with (--recipe, overrides)")
     missing, wrong = set(), []
-    for key, shape in _tensor_shapes(chunk.sharded_state_dict()):
+    for sh in _sharded_tensors(chunk.sharded_state_dict()):
+        key, shape = sh.key, tuple(sh.global_shape)
         have = saved.get(key)
         if have is None:
             missing.add(key)

@@ -88,16 +88,16 @@ class DPO(TrainingMode):
 
     def microbatches(self, split: str, index: int) -> list[Batch]:
         from megatron.core import parallel_state
+        from recipec.compiler.plan import batch_layout
 
         dataset = self.train_data if split == "train" else self.valid_data
-        t = self.config.train
-        pairs_per_step, pairs_per_micro = t.global_batch_size // 2, t.micro_batch_size // 2
-        dp = parallel_state.get_data_parallel_world_size()
-        per_rank = pairs_per_step // dp
-        start = index * pairs_per_step + parallel_state.get_data_parallel_rank() * per_rank
+        # The compiler's one batch split counts sequences; this rank's are two per pair, in whole
+        # microbatches (the compiler half keeps both batch sizes even), so halving gives its pairs.
+        rows = batch_layout(self.config).rank_samples(index, parallel_state.get_data_parallel_rank())
+        pairs_per_micro = self.config.train.micro_batch_size // 2
         device = self.context.device
         out = []
-        for i in range(start, start + per_rank, pairs_per_micro):
+        for i in range(rows.start // 2, rows.stop // 2, pairs_per_micro):
             batch = dataset.microbatch(list(range(i, i + pairs_per_micro)))
             out.append({k: v.to(device, non_blocking=True) for k, v in batch.items()})
         return out
