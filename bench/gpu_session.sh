@@ -7,10 +7,13 @@
 #   bash bench/gpu_session.sh a    # GPU0: ckpt_bench async (1b, 8b) | GPU1: family_bench --fp8
 #   bash bench/gpu_session.sh b    # GPU0: modes_bench               | GPU1: gpu_bench 8-microbatch rows
 #   bash bench/gpu_session.sh c    # scaling.py llama32_1b at DP, TP, PP, CP on 1 and 2 GPUs
+#   bash bench/gpu_session.sh d    # what session 5 left: GPU0: ckpt_bench 1b+8b async+sync (resume load
+#                                  # included) | GPU1: family_bench gpt_oss_20b, modes_bench distill,
+#                                  # then scaling.py CP only
 #
 # Everything lands under $OUT/<phase>/ (JSON, logs); each chain's table is printed last.
 set -u
-phase=${1:?phase a, b or c}
+phase=${1:?phase a, b, c or d}
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 out=${OUT:-/tmp/out}/$phase
 mkdir -p "$out"
@@ -52,5 +55,13 @@ c)
     --warmup 5 --log-interval 5 --timeout-s 150 --out /tmp/scaling --json "$out/scaling.json" \
     >"$out/scaling.log" 2>&1
   echo "== scaling: exit $?"; tail -n 40 "$out/scaling.log" ;;
-*) echo "phase a, b or c"; exit 2 ;;
+d)
+  run_pair 560 \
+    ckpt "python3 bench/ckpt_bench.py --shapes 1b,8b --modes async,sync --saves 2 --save-interval 6 --dir /tmp \
+          --out $out/ckpt --deadline-s 400 --timeout-s 200 --override launch.accelerator=$acc" \
+    rest "python3 bench/family_bench.py --fp8 --rows gpt_oss_20b --steps 12 --warmup 4 --timeout-s 150 \
+          --accelerator $acc --out $out/family; \
+          python3 bench/modes_bench.py --parts distill --steps 10 --warmup 3 --records 1500 --timeout-s 200 \
+          --out $out/modes" ;;
+*) echo "phase a, b, c or d"; exit 2 ;;
 esac

@@ -103,7 +103,8 @@ def chat_records(path: Path, n: int, seq: int, seed: int = 0, preference: bool =
 def base_overrides(args: argparse.Namespace, out_dir: Path, data: Path) -> list[str]:
     ov = ["launch.nodes=1", "launch.gpus_per_node=1", "parallel.tensor_model_parallel_size=1",
           "parallel.pipeline_model_parallel_size=1", "parallel.context_parallel_size=1",
-          f"train.train_iters={args.steps}", "scheduler.lr_warmup_iters=1", f"scheduler.lr_decay_iters={args.steps}", "logging.log_interval=1", "~train.eval_interval",
+          f"train.train_iters={args.steps}", "~scheduler.lr_warmup_iters", "scheduler.lr_warmup_fraction=0.1",
+          f"scheduler.lr_decay_iters={args.steps}", "logging.log_interval=1", "~train.eval_interval",
           "~checkpoint.save", "~checkpoint.save_interval", "~checkpoint.keep_last", "~checkpoint.load",
           "~checkpoint.pretrained", "tokenizer.type=byte", "~tokenizer.path", 'data.split="1,0,0"',
           "data.num_workers=0", f"data.paths=[{json.dumps(str(data))}]", f"launch.output_dir={json.dumps(str(out_dir))}"]

@@ -9,9 +9,14 @@ from .errors import RecipeError
 from .loader import bundled_recipes, library_dir
 
 
-def family(name: str) -> str:
-    """The model family of a recipe name: `llama31_70b_sft` -> `llama31` (Llama 3.1)."""
-    return name.split("/")[-1].split("_")[0]
+def family(name: str, architecture: str = "") -> str:
+    """The group of a recipe in `recipec list`: its model.architecture when the name starts with it
+    (`gpt_oss_20b` -> `gpt_oss`, whose name has an underscore of its own), else the name's first
+    word, which keeps a family's generations apart (`llama31_70b_sft` -> `llama31`, Llama 3.1)."""
+    base = name.split("/")[-1]
+    if architecture and (base == architecture or base.startswith(architecture + "_")):
+        return architecture
+    return base.split("_")[0]
 
 
 def library_table() -> str:
@@ -25,7 +30,7 @@ def library_table() -> str:
             continue
         m, p, launch = c.config.model, c.plan, c.config.launch
         size = f"{p.params_total / 1e9:.2f}B" if p.params_total >= 1e8 else f"{p.params_total / 1e6:.1f}M"
-        groups[family(name)].append(
+        groups[family(name, m.architecture)].append(
             f"  {name:<28} {size:>8}  seq {m.seq_length:<6} {launch.nodes:>3} x {launch.gpus_per_node:<2} "
             f"{c.config.description}"
         )

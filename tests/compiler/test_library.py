@@ -217,8 +217,10 @@ def test_list_shows_every_recipe_by_family() -> None:
     assert result.exit_code == 0, result.output
     out = result.output
     assert "(broken)" not in out
-    for family in ("llama2", "llama3", "llama31", "llama32", "qwen25", "qwen3", "mistral", "mixtral"):
+    for family in ("llama2", "llama3", "llama31", "llama32", "qwen25", "qwen3", "mistral", "mixtral", "gpt_oss",
+                   "gemma3", "deepseek_v2", "deepseek_v3"):
         assert re.search(rf"^{family}:$", out, re.M), family
+    assert not re.search(r"^gpt:$", out, re.M), "GPT-OSS grouped under its name's first word"
     for name in NAMES:
         c = compiled(name)
         row = re.search(rf"^  {re.escape(name)}\s+([\d.]+)([MB])\s+seq (\d+)\s+(\d+) x (\d+)\s", out, re.M)
