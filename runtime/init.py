@@ -17,7 +17,8 @@ import zlib
 from typing import Any
 
 import torch
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+from .sharded import sharded_tensors
 
 _OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")
 
@@ -27,7 +28,7 @@ def keyed_init(chunks: list[Any], seed: int, std: float, num_layers: int) -> Non
         for chunk in chunks:
             # Zero-centred norms (Gemma) apply (1 + w): the identity is w = 0.
             norm_init = torch.zeros if getattr(chunk.config, "layernorm_zero_centered_gamma", False) else torch.ones
-            for sharded in _sharded_tensors(chunk.sharded_state_dict().values()):
+            for sharded in sharded_tensors(chunk.sharded_state_dict()):
                 if sharded.flattened_range is not None:
                     continue
                 key = sharded.key
@@ -43,16 +44,3 @@ def keyed_init(chunks: list[Any], seed: int, std: float, num_layers: int) -> Non
                 for dim, offset in enumerate(sharded.global_offset[sharded.prepend_axis_num:]):
                     index.append(slice(offset, offset + sharded.data.shape[dim]))
                 sharded.data.copy_(full[tuple(index)].to(sharded.data.dtype))
-
-
-def _sharded_tensors(entries: Any) -> list[ShardedTensor]:
-    """ShardedTensors, with factories (the gated MLP's fc1 is saved as two halves) expanded;
-    the built halves are views of the parameter, so writing them initializes it."""
-    out: list[ShardedTensor] = []
-    for entry in entries:
-        if isinstance(entry, ShardedTensorFactory):
-            built = entry.build()
-            out += _sharded_tensors(built.values() if isinstance(built, dict) else built)
-        elif isinstance(entry, ShardedTensor):
-            out.append(entry)
-    return out

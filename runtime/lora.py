@@ -72,6 +72,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 
 from . import families
+from .sharded import sharded_tensors
 
 log = logging.getLogger("recipec.runtime")
 
@@ -268,12 +269,10 @@ def apply_lora(chunks: list[torch.nn.Module], c: Any) -> None:
 def init_adapters(chunks: list[torch.nn.Module], seed: int) -> None:
     """Layout-independent adapter init: each global A drawn from a generator keyed by its
     checkpoint key (as runtime/init.py does for the base), this rank's shard taken by offset."""
-    from .init import _sharded_tensors
-
     with torch.no_grad():
         for chunk in chunks:
             entries = [v for k, v in chunk.sharded_state_dict().items() if ".adapter.linear_in." in k]
-            for sharded in _sharded_tensors(entries):
+            for sharded in sharded_tensors(entries):
                 generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(sharded.key.encode()))
                 fan_in = sharded.global_shape[-1]
                 bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_(a=sqrt(5)), as nn.Linear and PEFT

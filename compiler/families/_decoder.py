@@ -179,9 +179,15 @@ def export_decoder(model: ModelConfig, cfg: dict[str, Any], *, qkv_bias: bool = 
     act = activations.get(model.activation)
     if act is None:
         raise HFImportError(f"activation {model.activation!r} has no Hugging Face name")
-    cfg.update({
+    cfg.update(decoder_keys(model, hidden_act=act))
+
+
+def decoder_keys(model: ModelConfig, *, hidden_act: str, intermediate_size: int | None = None) -> dict[str, Any]:
+    """The config.json keys every decoder shares, without checks (export_decoder's; GPT-OSS checks its own
+    biases and activation). `intermediate_size` defaults to the dense MLP's (GPT-OSS: the experts')."""
+    return {
         "hidden_size": model.hidden_size,
-        "intermediate_size": model.ffn_hidden_size,
+        "intermediate_size": model.ffn_hidden_size if intermediate_size is None else intermediate_size,
         "num_hidden_layers": model.num_layers,
         "num_attention_heads": model.num_attention_heads,
         "num_key_value_heads": model.num_query_groups,
@@ -189,12 +195,12 @@ def export_decoder(model: ModelConfig, cfg: dict[str, Any], *, qkv_bias: bool = 
         "vocab_size": model.vocab_size,
         "max_position_embeddings": model.max_position_embeddings,
         "rms_norm_eps": model.norm_epsilon,
-        "hidden_act": act,
+        "hidden_act": hidden_act,
         "rope_theta": model.rotary_base,
         "tie_word_embeddings": model.share_embeddings_and_output_weights,
         "attention_dropout": model.attention_dropout,
         "initializer_range": model.init_method_std,
-    })
+    }
 
 
 def export_rope(model: ModelConfig, cfg: dict[str, Any], *, yarn: bool = False) -> None:

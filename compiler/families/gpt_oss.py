@@ -159,20 +159,9 @@ def _export(model: ModelConfig, cfg: dict[str, Any]) -> None:
         types, window = [FULL] * model.num_layers, None
     else:
         types, window = layer_pattern(model.num_layers, model.window_attn_skip_freq), model.window_size + 1
+    # hidden_act is not read by GptOssForCausalLM (its experts fix the activation)
+    cfg.update(d.decoder_keys(model, hidden_act="silu", intermediate_size=model.moe_ffn_hidden_size))
     cfg.update({
-        "hidden_size": model.hidden_size,
-        "intermediate_size": model.moe_ffn_hidden_size,
-        "num_hidden_layers": model.num_layers,
-        "num_attention_heads": model.num_attention_heads,
-        "num_key_value_heads": model.num_query_groups,
-        "head_dim": model.kv_channels,
-        "vocab_size": model.vocab_size,
-        "max_position_embeddings": model.max_position_embeddings,
-        "rms_norm_eps": model.norm_epsilon,
-        "hidden_act": "silu",  # not read by GptOssForCausalLM (its experts fix the activation)
-        "tie_word_embeddings": model.share_embeddings_and_output_weights,
-        "attention_dropout": model.attention_dropout,
-        "initializer_range": model.init_method_std,
         "attention_bias": True,
         "num_local_experts": model.num_moe_experts,
         "num_experts_per_tok": model.moe_router_topk,
@@ -182,7 +171,6 @@ def _export(model: ModelConfig, cfg: dict[str, Any]) -> None:
         "swiglu_limit": model.activation_func_clamp_value,
         "sliding_window": window,
         "layer_types": types,
-        "rope_theta": model.rotary_base,
     })
     if model.rope_scaling == "yarn":
         cfg["rope_scaling"] = {"rope_type": "yarn", "factor": model.rope_scaling_factor,

@@ -46,6 +46,7 @@ from recipec.compiler.hf_import import (
 from recipec.compiler.schema import RecipeConfig
 
 from ..logs import Progress, console, size
+from ..sharded import sharded_tensors
 from .export_files import plan_export, write_export_files
 from .lora_export import adapters_for_merge
 from .mappings import ArchMapping, MappingError, Shape, stacked_name
@@ -84,27 +85,6 @@ def check_hf_matches(hf_dir: Path, c: RecipeConfig) -> None:
 
 
 # ---------------------------------------------------------------- filling a model
-def _sharded_tensors(sd: dict[str, Any]) -> Iterator[Any]:
-    """Every ShardedTensor of a model's sharded_state_dict, factories (fused fc1) expanded."""
-    from megatron.core.dist_checkpointing.mapping import (
-        ShardedTensor,
-        ShardedTensorFactory,
-    )
-
-    stack = list(sd.values())
-    while stack:
-        item = stack.pop(0)
-        if isinstance(item, ShardedTensorFactory):
-            built = item.build()
-            stack[:0] = list(built.values()) if isinstance(built, dict) else list(built)
-        elif isinstance(item, ShardedTensor):
-            yield item
-        elif isinstance(item, dict):
-            stack[:0] = list(item.values())
-        elif isinstance(item, (list, tuple)):
-            stack[:0] = list(item)
-
-
 def _local_index(sh: Any) -> tuple[slice, ...]:
     return tuple(slice(o, o + n) for o, n in zip(sh.global_offset[sh.prepend_axis_num:], sh.data.shape))
 
@@ -117,7 +97,7 @@ def load_hf_into_chunks(hf_dir: str | Path, chunks: Sequence[Any], c: RecipeConf
     mapping = ArchMapping(c.model.architecture, model_shape(c, padded_vocab))
     cache: tuple[tuple[str, tuple[int, ...]], torch.Tensor] | None = None
     filled = 0
-    shards = [sh for chunk in chunks for sh in _sharded_tensors(getattr(chunk, "module", chunk).sharded_state_dict())]
+    shards = [sh for chunk in chunks for sh in sharded_tensors(getattr(chunk, "module", chunk).sharded_state_dict())]
     progress = Progress(f"reading Hugging Face weights from {hf_dir}", total=len(shards), unit="tensors")
     with torch.no_grad():
         for sh in shards:

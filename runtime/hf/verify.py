@@ -44,11 +44,11 @@ from recipec.compiler.cli_base import overrides as _overrides
 from recipec.compiler.cli_base import user_errors as _user_errors
 from recipec.compiler.schema import RecipeConfig
 
+from ..sharded import sharded_tensors
 from .convert import (
     Compiler,
     _no_random_init,  # one copy: it keeps the yarn_* attributes a dataclasses.replace would drop
     _reading,
-    _sharded_tensors,
     check_hf_matches,
     compile_recipe,
     ensure_distributed,
@@ -246,7 +246,7 @@ def _check_fits(step_dir: Path, saved: dict[str, Any], chunk: Any, c: RecipeConf
                                  f"(saved -> recipe: {ckpt_compat.describe(structure)}); pass the recipe the "
                                  "checkpoint was made with (--recipe, overrides)")
     missing, wrong = set(), []
-    for sh in _sharded_tensors(chunk.sharded_state_dict()):
+    for sh in sharded_tensors(chunk.sharded_state_dict()):
         key, shape = sh.key, tuple(sh.global_shape)
         have = saved.get(key)
         if have is None:
