@@ -9,7 +9,8 @@
 #   bash bench/gpu_session.sh c    # scaling.py llama32_1b at DP, TP, PP, CP on 1 and 2 GPUs
 #   bash bench/gpu_session.sh d    # what session 5 left: GPU0: ckpt_bench 1b+8b async+sync (resume load
 #                                  # included) | GPU1: family_bench gpt_oss_20b, modes_bench distill,
-#                                  # then scaling.py CP only
+#                                  # (TE's attention-backend choice logged: sinks + windows failed in
+#                                  # session 5), modes_bench distill; afterwards scaling.py --layouts cp
 #
 # Everything lands under $OUT/<phase>/ (JSON, logs); each chain's table is printed last.
 set -u
@@ -59,7 +60,7 @@ d)
   run_pair 560 \
     ckpt "python3 bench/ckpt_bench.py --shapes 1b,8b --modes async,sync --saves 2 --save-interval 6 --dir /tmp \
           --out $out/ckpt --deadline-s 400 --timeout-s 200 --override launch.accelerator=$acc" \
-    rest "python3 bench/family_bench.py --fp8 --rows gpt_oss_20b --steps 12 --warmup 4 --timeout-s 150 \
+    rest "NVTE_DEBUG=1 NVTE_DEBUG_LEVEL=2 python3 bench/family_bench.py --fp8 --rows gpt_oss_20b --steps 12 --warmup 4 --timeout-s 150 \
           --accelerator $acc --out $out/family; \
           python3 bench/modes_bench.py --parts distill --steps 10 --warmup 3 --records 1500 --timeout-s 200 \
           --out $out/modes" ;;
