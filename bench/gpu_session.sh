@@ -8,9 +8,9 @@
 #   bash bench/gpu_session.sh b    # GPU0: modes_bench               | GPU1: gpu_bench 8-microbatch rows
 #   bash bench/gpu_session.sh c    # scaling.py llama32_1b at DP, TP, PP, CP on 1 and 2 GPUs
 #   bash bench/gpu_session.sh d    # what session 5 left: GPU0: ckpt_bench 1b+8b async+sync (resume load
-#                                  # included) | GPU1: family_bench gpt_oss_20b, modes_bench distill,
-#                                  # (TE's attention-backend choice logged: sinks + windows failed in
-#                                  # session 5), modes_bench distill; afterwards scaling.py --layouts cp
+#                                  # included) | GPU1: family_bench gpt_oss_20b (TE's attention-backend
+#                                  # choice logged: sinks + windows failed in session 5), then
+#                                  # modes_bench distill; afterwards scaling.py --layouts cp
 #
 # Everything lands under $OUT/<phase>/ (JSON, logs); each chain's table is printed last.
 set -u
