@@ -65,26 +65,15 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import recipec_pythonpath
+
 H100_BF16_DENSE_TFLOPS = 989.0
 
 
 def _import_recipec() -> None:
     """Make `import recipec.*` work from a plain checkout (the GPU machine has no install)."""
-    try:
-        import recipec.compiler
-        import recipec.runtime
-        return
-    except ImportError:
-        pass
-    root = Path(os.environ.get("TMPDIR", "/tmp")) / "recipec_pkg"
-    pkg = root / "recipec"
-    pkg.mkdir(parents=True, exist_ok=True)
-    (pkg / "__init__.py").write_text("")
-    for name in ("compiler", "runtime", "recipes_toml"):
-        link = pkg / name
-        if not link.exists():
-            link.symlink_to(REPO / name, target_is_directory=True)
-    sys.path.insert(0, str(root))
+    recipec_pythonpath()
     import recipec.compiler  # noqa: F401
 
 

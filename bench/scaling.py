@@ -57,7 +57,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import failure_reason
+from _common import failure_reason, recipec_pythonpath
 
 LAYOUTS = {"dp": None, "tp": "tensor_model_parallel_size", "pp": "pipeline_model_parallel_size",
            "cp": "context_parallel_size"}
@@ -93,16 +93,9 @@ def recipec_cli() -> tuple[list[str], dict[str, str]]:
     `python -m recipec.compiler.cli`; from a plain checkout (a GPU machine with no install), the
     same through a `recipec` package of symlinks to this checkout on PYTHONPATH (the ranks inherit it)."""
     env = dict(os.environ)
-    probe = subprocess.run([sys.executable, "-c", "import recipec.compiler.cli"], capture_output=True, check=False)
-    if probe.returncode != 0:
-        root = Path(os.environ.get("TMPDIR", "/tmp")) / "recipec_pkg"
-        pkg = root / "recipec"
-        pkg.mkdir(parents=True, exist_ok=True)
-        (pkg / "__init__.py").touch()
-        for name in ("compiler", "runtime", "recipes_toml"):
-            if not (pkg / name).exists():
-                (pkg / name).symlink_to(REPO / name, target_is_directory=True)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
+    root = recipec_pythonpath()
+    if root:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return [sys.executable, "-m", "recipec.compiler.cli"], env
 
 
