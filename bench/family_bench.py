@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accelerator", help="launch.accelerator of the GPU (e.g. H200-141GB; default: the recipe's)")
     p.add_argument("--cpu", action="store_true", help="launch.accelerator=cpu")
     p.add_argument("--tiny", action="store_true", help="the families' tiny recipes (smoke)")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recipec override added to every row (repeatable), e.g. model.moe_grouped_gemm=false")
     args = p.parse_args(argv)
     table = TINY if args.tiny else ROWS
     names = args.rows.split(",") if args.rows else list(table)
@@ -101,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             out = (args.out / f"{name}-{precision}").resolve()
             shutil.rmtree(out, ignore_errors=True)
             gpu = [f"launch.accelerator={args.accelerator}"] if args.accelerator and not args.cpu else []
-            ov = overrides(extra + gpu + (FP8 if precision == "fp8" else []), steps=args.steps, mbs=args.mbs,
+            ov = overrides(extra + gpu + (FP8 if precision == "fp8" else []) + args.override,
+                           steps=args.steps, mbs=args.mbs,
                            microbatches=args.microbatches, interval=1 if args.cpu else 5, out=out, cpu=args.cpu,
                            seq=args.seq)
             print(f"family_bench: {name} {precision}", file=sys.stderr, flush=True)

@@ -11,10 +11,15 @@
 #                                  # included) | GPU1: family_bench gpt_oss_20b (TE's attention-backend
 #                                  # choice logged: sinks + windows failed in session 5), then
 #                                  # modes_bench distill; afterwards scaling.py --layouts cp
+#   bash bench/gpu_session.sh e    # diagnosis of session 5's GPT-OSS failure, about 2 minutes:
+#                                  # GPT-OSS@2 with TE's backend choice logged | with TE's
+#                                  # fused attention off, then with per-expert MLPs (no grouped GEMM)
+#   bash bench/gpu_session.sh f    # after e's fixes: CP=2 scaling row | GPT-OSS@2 bf16+FP8 (grouped GEMM),
+#                                  # and bf16 with per-expert MLPs
 #
 # Everything lands under $OUT/<phase>/ (JSON, logs); each chain's table is printed last.
 set -u
-phase=${1:?phase a, b, c or d}
+phase=${1:?phase a, b, c, d, e or f}
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 out=${OUT:-/tmp/out}/$phase
 mkdir -p "$out"
@@ -64,5 +69,30 @@ d)
           --accelerator $acc --out $out/family; \
           python3 bench/modes_bench.py --parts distill --steps 10 --warmup 3 --records 1500 --timeout-s 200 \
           --out $out/modes" ;;
-*) echo "phase a, b, c or d"; exit 2 ;;
+e)
+  oss="python3 bench/family_bench.py --rows gpt_oss_20b --steps 6 --warmup 2 --timeout-s 150 --accelerator $acc"
+  run_pair 400 \
+    oss_debug "NVTE_DEBUG=1 NVTE_DEBUG_LEVEL=2 $oss --out $out/oss_debug" \
+    oss_variants "NVTE_FUSED_ATTN=0 $oss --out $out/oss_unfused; $oss --override model.moe_grouped_gemm=false \
+      --out $out/oss_sequential"
+  # the first rank's traceback of every failed launch, whole
+  for log in "$out"/*/*.log "$out"/scaling/*/launch.log; do
+    [ -f "$log" ] && grep -q "Traceback" "$log" || continue
+    echo "######## $log"; grep -m1 -A40 "Traceback" "$log" | cut -c1-300
+  done ;;
+f)
+  if [ "$ngpu" -ge 2 ]; then
+    timeout -k 10 230 python3 bench/scaling.py llama32_1b --gpus 1,2 --layouts cp --steps 15 --warmup 5 \
+      --log-interval 5 --timeout-s 150 --out "$out/scaling" --json "$out/scaling.json" >"$out/scaling.log" 2>&1
+    echo "== scaling cp: exit $?"; tail -n 8 "$out/scaling.log"
+  fi
+  oss="python3 bench/family_bench.py --rows gpt_oss_20b --steps 12 --warmup 4 --timeout-s 150 --accelerator $acc"
+  run_pair 330 \
+    oss "$oss --fp8 --out $out/family" \
+    oss_sequential "$oss --override model.moe_grouped_gemm=false --out $out/oss_sequential"
+  for log in "$out"/*/*.log "$out"/scaling/*/launch.log; do
+    [ -f "$log" ] && grep -q "Traceback" "$log" || continue
+    echo "######## $log"; grep -m1 -B14 -A2 "\]: [A-Za-z_.]*\(Error\|Exception\)" "$log" | cut -c1-400
+  done ;;
+*) echo "phase a, b, c, d, e or f"; exit 2 ;;
 esac

@@ -148,7 +148,9 @@ def transformer_config(c: RecipeConfig, *, on_gpu: bool, te: bool) -> Transforme
         gradient_accumulation_fusion=on_gpu and te and _have_apex_wgrad_fusion(),
         masked_softmax_fusion=on_gpu,
         bias_activation_fusion=on_gpu and m.gated_linear_unit and m.activation == "silu" and te,
-        bias_dropout_fusion=on_gpu,
+        # Megatron's grouped-GEMM experts refuse the fused bias-dropout-add with linear biases
+        # (TEGroupedMLP asserts; GPT-OSS on one H200 in session 6): off for biased MoE models.
+        bias_dropout_fusion=on_gpu and not (m.is_moe and m.add_bias_linear),
         # Megatron's MLA fuses RoPE only for YaRN (MLATransformerConfig raises otherwise).
         apply_rope_fusion=on_gpu and te and (not m.multi_latent_attention or m.rope_scaling == "yarn"),
         persist_layer_norm=on_gpu and te,

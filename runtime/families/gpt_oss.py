@@ -20,18 +20,19 @@ The activation, clamp, glu offset, window, sinks and YaRN are generic [model] fi
 runtime/model.py maps (on the local path, layers with a window or sinks use Megatron's own
 DotProductAttention); only YaRN's `truncate` (rope_yarn_truncate -> Megatron's
 yarn_correction_range_round_to_int) and unfused RoPE are set here, through `config_kwargs`. The
-layer-spec hook swaps the local experts' linear_fc2 for one that survives Megatron's in-place bias
-add in training (`_ExpertRowParallelLinear`).
+layer-spec hook swaps per-expert MLPs' linear_fc2 for one that survives Megatron's in-place bias
+add in training (`_CopiesBiasedOutput`).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from megatron.core.tensor_parallel import RowParallelLinear
+from megatron.core.transformer.moe.experts import SequentialMLP
 
 from ..hf.mappings import Shape
 from ._decoder import COMMON, QKV_BIAS, H, L, X
@@ -103,37 +104,47 @@ def _config_kwargs(model: Any) -> dict[str, Any]:
     return {"yarn_correction_range_round_to_int": model.rope_yarn_truncate, "apply_rope_fusion": False}
 
 
-class _ExpertRowParallelLinear(RowParallelLinear):
-    """An expert's linear_fc2 whose output may take its bias in place.
+class _CopiesBiasedOutput:
+    """Mixin for an expert's linear_fc2 whose output takes its bias in place afterwards.
 
-    Megatron-Core 0.16's MLP adds an expert's linear_fc2 bias into the output in place
-    (`output += output_bias * per_token_scale`). With one expert-parallel rank and ETP 1 that output
-    is the tensor-parallel reduce's input returned as is, a view autograd refuses to modify in place
-    ("Output 0 of _ReduceFromModelParallelRegion is a view ... modified inplace"), so training a
-    biased MoE on the local spec fails. A copy there (only then, and only with grad) fixes it."""
+    Megatron-Core's MLP adds an expert's linear_fc2 bias into the output in place
+    (`output += output_bias * per_token_scale`, SequentialMLP's per-expert MLPs). That output can be a
+    view autograd refuses to modify in place: the tensor-parallel reduce's input returned as is on
+    the local spec ("Output 0 of _ReduceFromModelParallelRegion is a view"), TE's linear output on
+    the TE spec ("Output 0 of _LinearBackward is a view", GPT-OSS with per-expert MLPs on an H200).
+    So training a biased MoE with per-expert MLPs fails on both; a copy (only with a bias, only
+    with grad) fixes it. Grouped-GEMM experts add the bias themselves and need no copy."""
 
     def forward(self, input_: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        output, bias = super().forward(input_, *args, **kwargs)
-        if bias is not None and not getattr(self, "explicit_expert_comm", False) and torch.is_grad_enabled():
+        output, bias = super().forward(input_, *args, **kwargs)  # type: ignore[misc]
+        if bias is not None and torch.is_grad_enabled():
             output = output.clone()
         return output, bias
+
+
+@functools.cache
+def _copying(linear: type) -> type:
+    """`linear` (RowParallelLinear, TERowParallelLinear, ...) with _CopiesBiasedOutput mixed in."""
+    return type(f"Expert{linear.__name__}", (_CopiesBiasedOutput, linear), {})
 
 
 def _fix_expert_bias(layer: Any) -> None:
     experts = getattr(getattr(getattr(layer, "submodules", None), "mlp", None), "submodules", None)
     experts = getattr(experts, "experts", None)
     sub = getattr(experts, "submodules", None)
-    if sub is not None and getattr(sub, "linear_fc2", None) is RowParallelLinear:
-        sub.linear_fc2 = _ExpertRowParallelLinear
+    fc2 = getattr(sub, "linear_fc2", None)
+    if getattr(experts, "module", None) is SequentialMLP and isinstance(fc2, type) \
+            and not issubclass(fc2, _CopiesBiasedOutput):
+        sub.linear_fc2 = _copying(fc2)
 
 
 def _layer_spec(model: Any, ctx: Any) -> Any:
     """The generic decoder spec (Megatron's own DotProductAttention on the local path: windows and
-    sinks), with the local experts' linear_fc2 able to train with biases."""
+    sinks), with per-expert MLPs able to train with biases, on the local and the TE spec."""
     from ..layer_spec import decoder_spec
 
     spec = copy.deepcopy(decoder_spec(model, ctx)[0])
-    if not ctx.te and model.add_bias_linear:
+    if model.add_bias_linear:
         for layer in getattr(spec, "layer_specs", None) or [spec]:
             _fix_expert_bias(layer)
     return spec

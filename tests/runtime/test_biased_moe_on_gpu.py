@@ -1,0 +1,59 @@
+"""Biased MoE models (GPT-OSS) on the GPU paths, checked on CPU: what Megatron-Core refuses or breaks.
+
+Both failures were seen first on an H200 with TE (session 6): Megatron's grouped-GEMM experts assert
+against the fused bias-dropout-add with linear biases, and per-expert MLPs on the TE spec add the
+expert bias in place into TE's output view. The GPU config is built here with on_gpu=True (a config
+object only, nothing runs on a GPU) and the per-expert spec fix is checked for any linear class.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("megatron.core")
+pytest.importorskip("torch")
+
+from megatron.core.tensor_parallel import RowParallelLinear
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
+
+from recipec.compiler import build
+from recipec.runtime.families.gpt_oss import _CopiesBiasedOutput, _fix_expert_bias
+from recipec.runtime.model import transformer_config
+
+
+@pytest.mark.parametrize(("recipe", "fused"), [("gpt_oss_tiny", False), ("deepseek_v3_tiny", True), ("llama3_tiny", True)])
+def test_bias_dropout_fusion_is_off_only_for_biased_moe(recipe: str, fused: bool) -> None:
+    config = transformer_config(build(recipe).config, on_gpu=True, te=False)
+    assert config.bias_dropout_fusion is fused
+
+
+class OtherRowLinear(RowParallelLinear):
+    """Stands for TE's TERowParallelLinear: any row-parallel class the spec may name."""
+
+
+def _moe_layer(fc2: type, experts: type = SequentialMLP) -> ModuleSpec:
+    expert_spec = ModuleSpec(module=experts, submodules=MLPSubmodules(linear_fc1=None, linear_fc2=fc2))
+    moe = ModuleSpec(module=object, submodules=type("MoESub", (), {"experts": expert_spec})())
+    return ModuleSpec(module=object, submodules=TransformerLayerSubmodules(mlp=moe))
+
+
+@pytest.mark.parametrize("fc2", [RowParallelLinear, OtherRowLinear])
+def test_per_expert_fc2_copies_its_output_whatever_its_class(fc2: type) -> None:
+    layer = _moe_layer(fc2)
+    _fix_expert_bias(layer)
+    fixed = layer.submodules.mlp.submodules.experts.submodules.linear_fc2
+    assert issubclass(fixed, fc2) and issubclass(fixed, _CopiesBiasedOutput)
+    _fix_expert_bias(layer)  # idempotent: no second wrapper
+    assert layer.submodules.mlp.submodules.experts.submodules.linear_fc2 is fixed
+
+
+def test_grouped_experts_are_left_alone() -> None:
+    class Grouped:  # grouped-GEMM experts add their bias themselves
+        pass
+
+    layer = _moe_layer(RowParallelLinear, experts=Grouped)
+    _fix_expert_bias(layer)
+    assert layer.submodules.mlp.submodules.experts.submodules.linear_fc2 is RowParallelLinear
