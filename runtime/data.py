@@ -139,8 +139,13 @@ def step_microbatches(dataset: Any, step: int, c: RecipeConfig, device: torch.de
 def _this_cp_rank(batch: Batch) -> Batch:
     if parallel_state.get_context_parallel_world_size() == 1:
         return batch
+    import inspect
+
     from megatron.core.utils import get_batch_on_this_cp_rank
 
+    # Megatron-Core 0.19 added a required `is_hybrid_cp` (hybrid CP is its dynamic-length scheme).
+    if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters:
+        return get_batch_on_this_cp_rank(batch, is_hybrid_cp=False)
     return get_batch_on_this_cp_rank(batch)
 
 
