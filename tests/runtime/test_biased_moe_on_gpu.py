@@ -1,12 +1,14 @@
 """Biased MoE models (GPT-OSS) on the GPU paths, checked on CPU: what Megatron-Core refuses or breaks.
 
-Both failures were seen first on an H200 with TE (session 6): Megatron's grouped-GEMM experts assert
+Both failures were seen first on an H200 with TE and Megatron-Core 0.19 (session 6): Megatron's grouped-GEMM experts assert
 against the fused bias-dropout-add with linear biases, and per-expert MLPs on the TE spec add the
 expert bias in place into TE's output view. The GPU config is built here with on_gpu=True (a config
 object only, nothing runs on a GPU) and the per-expert spec fix is checked for any linear class.
 """
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 
@@ -34,26 +36,40 @@ class OtherRowLinear(RowParallelLinear):
     """Stands for TE's TERowParallelLinear: any row-parallel class the spec may name."""
 
 
-def _moe_layer(fc2: type, experts: type = SequentialMLP) -> ModuleSpec:
-    expert_spec = ModuleSpec(module=experts, submodules=MLPSubmodules(linear_fc1=None, linear_fc2=fc2))
-    moe = ModuleSpec(module=object, submodules=type("MoESub", (), {"experts": expert_spec})())
+def _moe_layer(fc2: type, experts: type = SequentialMLP, partials: bool = False) -> ModuleSpec:
+    """A decoder layer spec with MoE experts, written as Megatron-Core 0.16 does (ModuleSpecs) or as
+    0.19 does (functools.partial(Module, submodules=...) for the MoE layer and its experts)."""
+    def spec(module: type, submodules: object) -> object:
+        return functools.partial(module, submodules=submodules) if partials else \
+            ModuleSpec(module=module, submodules=submodules)
+
+    expert_spec = spec(experts, MLPSubmodules(linear_fc1=None, linear_fc2=fc2))
+    moe = spec(object, type("MoESub", (), {"experts": expert_spec})())
     return ModuleSpec(module=object, submodules=TransformerLayerSubmodules(mlp=moe))
 
 
+def _fc2(layer: ModuleSpec) -> type:
+    moe = layer.submodules.mlp
+    moe_sub = moe.keywords["submodules"] if isinstance(moe, functools.partial) else moe.submodules
+    experts = moe_sub.experts
+    return (experts.keywords["submodules"] if isinstance(experts, functools.partial) else experts.submodules).linear_fc2
+
+
+@pytest.mark.parametrize("partials", [False, True], ids=["mcore-0.16-specs", "mcore-0.19-partials"])
 @pytest.mark.parametrize("fc2", [RowParallelLinear, OtherRowLinear])
-def test_per_expert_fc2_copies_its_output_whatever_its_class(fc2: type) -> None:
-    layer = _moe_layer(fc2)
+def test_per_expert_fc2_copies_its_output_whatever_its_class(fc2: type, partials: bool) -> None:
+    layer = _moe_layer(fc2, partials=partials)
     _fix_expert_bias(layer)
-    fixed = layer.submodules.mlp.submodules.experts.submodules.linear_fc2
+    fixed = _fc2(layer)
     assert issubclass(fixed, fc2) and issubclass(fixed, _CopiesBiasedOutput)
     _fix_expert_bias(layer)  # idempotent: no second wrapper
-    assert layer.submodules.mlp.submodules.experts.submodules.linear_fc2 is fixed
+    assert _fc2(layer) is fixed
 
 
 def test_grouped_experts_are_left_alone() -> None:
     class Grouped:  # grouped-GEMM experts add their bias themselves
         pass
 
-    layer = _moe_layer(RowParallelLinear, experts=Grouped)
+    layer = _moe_layer(RowParallelLinear, experts=Grouped, partials=True)
     _fix_expert_bias(layer)
-    assert layer.submodules.mlp.submodules.experts.submodules.linear_fc2 is RowParallelLinear
+    assert _fc2(layer) is RowParallelLinear
