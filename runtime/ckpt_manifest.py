@@ -24,6 +24,8 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,20 @@ def hash_file(path: Path, *, fsync: bool = False) -> dict[str, Any]:
     return {"size": size, HASH: digest.hexdigest()}
 
 
+def _map_threads(fn: Callable[[str], Any], names: list[str]) -> list[Any]:
+    """fn over names, one thread per name up to 8: file reads and SHA-256 release the GIL, and one
+    thread hashes about 1 GB/s, slower than the disks checkpoints go to (H200 machine: 1.4 GB/s)."""
+    if len(names) <= 1:
+        return [fn(name) for name in names]
+    with ThreadPoolExecutor(max_workers=min(8, len(names)), thread_name_prefix="recipec-hash") as pool:
+        return list(pool.map(fn, names))
+
+
+def hash_files(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """hash_file (fsynced) of every name, several at once."""
+    return dict(zip(names, _map_threads(lambda name: hash_file(directory / name, fsync=True), names)))
+
+
 class Hasher(threading.Thread):
     """Hashes and fsyncs a list of files in the background; `result()` joins and returns them."""
 
@@ -73,8 +89,7 @@ class Hasher(threading.Thread):
     def run(self) -> None:
         started = time.perf_counter()
         try:
-            for name in self.names:
-                self.files[name] = hash_file(self.directory / name, fsync=True)
+            self.files.update(hash_files(self.directory, self.names))
         except BaseException as exc:  # noqa: BLE001 - reported by result(), in the main thread
             self.error = exc
         self.seconds = time.perf_counter() - started
@@ -125,7 +140,9 @@ def read_manifest(directory: Path) -> tuple[dict[str, Any] | None, str | None]:
 
 def check_files(directory: Path, files: dict[str, Any], names: list[str] | None = None, *,
                 hashes: bool = True) -> str | None:
-    """Why the listed files do not match the manifest entries `files` (all, or `names`), or None."""
+    """Why the listed files do not match the manifest entries `files` (all, or `names`), or None.
+    Sizes first (cheap, any order), then the hashes, several files at once."""
+    to_hash: list[tuple[str, str]] = []
     for name in sorted(files) if names is None else names:
         entry = files[name]
         want = entry if isinstance(entry, int) else entry.get("size") if isinstance(entry, dict) else None
@@ -138,9 +155,11 @@ def check_files(directory: Path, files: dict[str, Any], names: list[str] | None 
         if size != want:
             return f"file {name} is {size} bytes, expected {want} (truncated or overwritten)"
         if hashes and isinstance(entry, dict) and HASH in entry:
-            got = hash_file(path)[HASH]
-            if got != entry[HASH]:
-                return f"file {name} has {HASH} {got[:16]}..., expected {entry[HASH][:16]}... (corrupted in place)"
+            to_hash.append((name, entry[HASH]))
+    for (name, want), got in zip(to_hash, _map_threads(lambda name: hash_file(directory / name)[HASH],
+                                                      [name for name, _ in to_hash])):
+        if got != want:
+            return f"file {name} has {HASH} {got[:16]}..., expected {want[:16]}... (corrupted in place)"
     return None
 
 

@@ -126,6 +126,7 @@ class Saver:
         # RNG state, and a layout that never equals a run's, so checkpoint._load never asks it for RNG state.
         weights_only = optimizer is None
         sharding = optimizer_sharding(self.sharding, final)
+        building = time.perf_counter()
         state = sharded_state(chunks, optimizer, scheduler, loading=False, with_optimizer=not weights_only,
                               with_rng=not weights_only, sharding=sharding)
         saved_layout = {**layout(), "source": "weights"} if weights_only else layout()
@@ -135,6 +136,7 @@ class Saver:
         error: BaseException | None = None
         write_s = 0.0
         background: BackgroundWrite | None = None
+        parts: dict[str, float] = {}  # where the pause went, for the log line
         try:
             from megatron.core import dist_checkpointing
 
@@ -142,9 +144,14 @@ class Saver:
             with protected_writers(ResultBox() if self.async_save else None):
                 request = dist_checkpointing.save(state, str(tmp), sharded_strategy=save_strategy(),
                                                   async_sharded_save=self.async_save, **_async_strategy())
+                staged = time.perf_counter()
                 if request is not None:
                     background = BackgroundWrite(request, tmp)
             write_s = time.perf_counter() - writing
+            parts = {"waiting for the previous save": waited, "preparing": building - started - waited,
+                     "building the state dict": writing - building,
+                     "Megatron's plan and staging to host memory": staged - writing,
+                     "starting the writer": time.perf_counter() - staged}
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:  # noqa: BLE001 - CheckpointException is a BaseException; agreed below
@@ -159,9 +166,9 @@ class Saver:
         self.pending = _Pending(step, tmp, target, hasher, meta, stall_s=stall, write_s=0.0 if background else write_s,
                                 background=background)
         if background is not None and dist.get_rank() == 0:
-            earlier = f", of which {waited * 1000:.0f} ms waiting for the previous save" if waited >= 0.0005 else ""
+            breakdown = ", ".join(f"{name} {secs * 1000:.0f} ms" for name, secs in parts.items() if secs >= 0.0005)
             log.info(f"saving checkpoint step {step} in the background to {tmp}: training paused "
-                     f"{stall * 1000:.0f} ms{earlier}")
+                     f"{stall * 1000:.0f} ms ({breakdown})")
 
     def poll(self) -> Path | None:
         """Complete the pending checkpoint if every rank has hashed its files (one small all-reduce)."""

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .ckpt_manifest import hash_file
+from .ckpt_manifest import hash_files
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 _PR_SET_PDEATHSIG = 1
@@ -168,7 +168,7 @@ def _write_in_background(async_fn: Any, args: list[Any], kwargs: dict[str, Any],
         report.results = args[2].get_nowait()
         if not isinstance(report.results, BaseException):
             started = time.perf_counter()
-            report.files = {name: hash_file(directory / name, fsync=True) for name in names}
+            report.files = hash_files(directory, names)
             report.hash_s = time.perf_counter() - started
     except BaseException as exc:  # noqa: BLE001 - reported to the rank, which agrees on it with the others
         report.error = f"{type(exc).__name__}: {exc}"
