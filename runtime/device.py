@@ -53,7 +53,7 @@ patch is guarded, so a module or symbol missing in another version is skipped:
 5. *torch Adam ``step`` on checkpoint load* (CPU means no Apex/TE, so Megatron falls back
    to torch Adam, whose per-parameter ``step`` some 0.16 load paths mishandle):
    ``DistributedOptimizer._set_main_param_and_optimizer_states`` keeps the restored
-   ``step`` (see ``_patch_adam_step_on_load``); ``prime_optimizer_state_for_load`` must be
+   ``step`` (see ``keep_adam_step_on_load``); ``prime_optimizer_state_for_load`` must be
    called on a fresh optimizer before ``sharded_state_dict(is_loading=True)``.
 """
 
@@ -345,6 +345,7 @@ def prime_optimizer_state_for_load(optimizer: Any) -> None:
         inner = getattr(opt, "optimizer", None)
         if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
             continue
+        keep_adam_step_on_load()  # torch Adam on a GPU too (no Apex/TE): not only in CPU mode
         for group in inner.param_groups:
             for p in group["params"]:
                 state = inner.state[p]
@@ -354,7 +355,7 @@ def prime_optimizer_state_for_load(optimizer: Any) -> None:
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def _patch_adam_step_on_load() -> None:
+def keep_adam_step_on_load() -> None:
     """Keep torch Adam's loaded ``step`` when the distributed optimizer loads param state.
 
     Without Apex/TE, ``DistributedOptimizer.load_state_dict`` sets every parameter's Adam
@@ -366,7 +367,10 @@ def _patch_adam_step_on_load() -> None:
     the pre-load ``step`` back over the restored one (Adam bias correction restarts).
     Worse, ``load_state_dict`` gives all parameters the *same* step tensor, which torch
     Adam then increments once per parameter per step.  The patch gives each parameter its
-    own copy of the restored ``step`` and feeds that through instead.
+    own copy of the restored ``step`` and feeds that through instead.  Needed wherever the
+    distributed optimizer runs torch Adam: CPU mode, and a GPU without Apex/TE (an H200 with
+    megatron-core 0.19 and no TE could not resume its final, fully_reshardable checkpoint:
+    KeyError 'step'); TE's and Apex's FusedAdam keep no per-parameter step and pass through.
     """
     mod = _import("megatron.core.optimizer.distrib_optimizer")
     cls = getattr(mod, "DistributedOptimizer", None) if mod else None
@@ -426,7 +430,7 @@ def activate_cpu_mode() -> bool:
                     also_in=("megatron.core.optimizer.optimizer",
                              "megatron.core.optimizer.distrib_optimizer",
                              "megatron.core.optimizer"))
-    _patch_adam_step_on_load()
+    keep_adam_step_on_load()
     _patch_method("megatron.core.models.common.language_module.language_module",
                   "LanguageModule", "setup_embeddings_and_output_layer")
     _ACTIVE = True

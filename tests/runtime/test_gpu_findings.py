@@ -1,4 +1,5 @@
-"""Biased MoE models (GPT-OSS) on the GPU paths, checked on CPU: what Megatron-Core refuses or breaks.
+"""What the GPU found in session 6, checked on CPU: biased MoE models (GPT-OSS) on the GPU paths, and
+torch Adam resuming outside CPU mode.
 
 Both failures were seen first on an H200 with TE and Megatron-Core 0.19 (session 6): Megatron's grouped-GEMM experts assert
 against the fused bias-dropout-add with linear biases, and per-expert MLPs on the TE spec add the
@@ -9,6 +10,9 @@ object only, nothing runs on a GPU) and the per-expert spec fix is checked for a
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -73,3 +77,25 @@ def test_grouped_experts_are_left_alone() -> None:
     layer = _moe_layer(RowParallelLinear, experts=Grouped, partials=True)
     _fix_expert_bias(layer)
     assert _fc2(layer) is RowParallelLinear
+
+
+def test_torch_adam_keeps_its_step_on_load_outside_cpu_mode() -> None:
+    """A GPU without Apex/TE runs torch Adam inside Megatron's distributed optimizer, as CPU mode does;
+    its final (fully_reshardable) checkpoint failed to resume there (KeyError 'step', H200 with
+    megatron-core 0.19, session 6) because the step fix was installed by CPU mode only. A fresh
+    process that never enters CPU mode must get it from the load's own preparation."""
+    code = (
+        "import torch\n"
+        "from types import SimpleNamespace\n"
+        "from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer as D\n"
+        "from recipec.runtime import device\n"
+        "assert not getattr(D._set_main_param_and_optimizer_states, '__recipec_cpu__', False)\n"
+        "p = torch.nn.Parameter(torch.zeros(2))\n"
+        "device.prime_optimizer_state_for_load(SimpleNamespace(optimizer=torch.optim.Adam([p])))\n"
+        "assert getattr(D._set_main_param_and_optimizer_states, '__recipec_cpu__', False)\n"
+        "assert not device._ACTIVE\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
