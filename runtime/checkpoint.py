@@ -35,6 +35,7 @@ from recipec.compiler.errors import RecipeError
 
 from . import ckpt_compat as compat
 from . import ckpt_manifest as manifest
+from .adam_state import prime_optimizer_state_for_load
 from .ckpt_compat import ModelChangeError
 from .ckpt_manifest import MANIFEST, verify
 from .ckpt_save import (
@@ -53,7 +54,6 @@ from .ckpt_state import (
     restore_schedule,
     sharded_state,
 )
-from .device import prime_optimizer_state_for_load
 from .logs import size as human_size
 
 __all__ = ["LATEST", "MANIFEST", "CheckpointSaveError", "CheckpointUnusableError", "DiskFullError",
