@@ -11,6 +11,8 @@ would have read.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -139,14 +141,19 @@ def step_microbatches(dataset: Any, step: int, c: RecipeConfig, device: torch.de
 def _this_cp_rank(batch: Batch) -> Batch:
     if parallel_state.get_context_parallel_world_size() == 1:
         return batch
-    import inspect
+    return _cp_split()(batch)
 
+
+@functools.cache
+def _cp_split() -> Callable[[Batch], Batch]:
+    """Megatron's split of a batch into this context-parallel rank's two sequence chunks.
+    Megatron-Core 0.19 added a required `is_hybrid_cp` (hybrid CP is its dynamic-length scheme);
+    without it every CP run failed on its first batch (2 H200s, session 6)."""
     from megatron.core.utils import get_batch_on_this_cp_rank
 
-    # Megatron-Core 0.19 added a required `is_hybrid_cp` (hybrid CP is its dynamic-length scheme).
     if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters:
-        return get_batch_on_this_cp_rank(batch, is_hybrid_cp=False)
-    return get_batch_on_this_cp_rank(batch)
+        return functools.partial(get_batch_on_this_cp_rank, is_hybrid_cp=False)
+    return get_batch_on_this_cp_rank
 
 
 def microbatch_iterator(batches: list[Batch]) -> Iterator[Batch]:
