@@ -169,8 +169,8 @@ def test_corrupted_checkpoints_are_marked_bad_and_the_last_good_one_resumes(root
     assert victim.stat().st_size == size
     # iter_10: a damaged zip header that the manifest agrees with: torch DCP raises its
     # CheckpointException (a BaseException, which `except Exception` missed) on the load.
-    _flip(run.ckpt / "iter_0000010" / "__1_1.distcp", 0, 64)
-    _rehash(run.ckpt / "iter_0000010", "__1_1.distcp")
+    _flip(run.ckpt / "iter_0000010" / "__1_0.distcp", 0, 64)
+    _rehash(run.ckpt / "iter_0000010", "__1_0.distcp")
 
     output = run.run()
     assert "iter_0000015 is unusable: rank 1: file __1_0.distcp has sha256" in output and "corrupted in place" in output
