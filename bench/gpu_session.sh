@@ -16,10 +16,13 @@
 #                                  # fused attention off, then with per-expert MLPs (no grouped GEMM)
 #   bash bench/gpu_session.sh f    # after e's fixes: CP=2 scaling row | GPT-OSS@2 bf16+FP8 (grouped GEMM),
 #                                  # and bf16 with per-expert MLPs
+#   bash bench/gpu_session.sh g    # needs only megatron-core (no TE build): the first async save's pinned
+#                                  # allocation, PyTorch's default vs cudaHostRegister in 8 threads (1b,
+#                                  # 3 saves, resume); then `h`: the 8b shape after the writer fix
 #
 # Everything lands under $OUT/<phase>/ (JSON, logs); each chain's table is printed last.
 set -u
-phase=${1:?phase a, b, c, d, e or f}
+phase=${1:?phase a, b, c, d, e, f, g or h}
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 out=${OUT:-/tmp/out}/$phase
 mkdir -p "$out"
@@ -94,5 +97,17 @@ f)
     [ -f "$log" ] && grep -q "Traceback" "$log" || continue
     echo "######## $log"; grep -m1 -B14 -A2 "\]: [A-Za-z_.]*\(Error\|Exception\)" "$log" | cut -c1-400
   done ;;
-*) echo "phase a, b, c, d, e or f"; exit 2 ;;
+g|h)  # needs megatron-core only: pip install --no-deps --target /tmp/site .te/extra/{megatron_core,pydantic*,...}
+  shape=1b interval=12 variants="default register"
+  [ "$phase" = h ] && shape=8b interval=30 variants=register
+  register='+launch.env.PYTORCH_CUDA_ALLOC_CONF="pinned_use_cuda_host_register:True,pinned_num_register_threads:8"'
+  for variant in $variants; do
+    extra=(); [ "$variant" = register ] && extra=(--override "$register")
+    timeout -k 10 280 python3 bench/ckpt_bench.py --shapes "$shape" --modes async --saves 3 \
+      --save-interval "$interval" --dir /tmp --out "$out/$variant" --timeout-s 250 \
+      --override launch.accelerator=$acc "${extra[@]}" >"$out/$variant.log" 2>&1
+    echo "== $shape $variant: exit $?"; tail -n 6 "$out/$variant.log" | cut -c1-700
+    grep -h "saving checkpoint\|saved checkpoint\|resumed from" "$out/$variant"/*.log | cut -c1-400
+  done ;;
+*) echo "phase a, b, c, d, e, f, g or h"; exit 2 ;;
 esac
