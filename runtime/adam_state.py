@@ -59,7 +59,7 @@ def keep_adam_step_on_load() -> bool:
         mod = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
     except ImportError:
         return False
-    cls = getattr(mod, "DistributedOptimizer", None) if mod else None
+    cls = getattr(mod, "DistributedOptimizer", None)
     orig = vars(cls).get("_set_main_param_and_optimizer_states") if cls else None
     if orig is None or getattr(orig, "__recipec_cpu__", False):
         return False
