@@ -25,6 +25,8 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     TorchDistSaveShardedStrategy,
 )
 
+from .optimizer_gather import install as single_rank_gather
+
 
 def layout() -> dict[str, int]:
     """This run's parallel layout, recorded in the manifest and compared on resume."""
@@ -122,6 +124,8 @@ def sharded_state(chunks: list[Any], optimizer: Any, scheduler: Any, *, loading:
             state[f"model{i}"] = sd
             model_sd.update(sd)
     if with_optimizer:
+        if not loading and sharding == "fully_reshardable":
+            single_rank_gather()  # no gather on one data-parallel rank (runtime/optimizer_gather.py)
         state["optimizer"] = optimizer.sharded_state_dict(
             model_sd, is_loading=loading, metadata={"distrib_optim_sharding_type": sharding})
         state["scheduler"] = scheduler.state_dict()
