@@ -8,6 +8,7 @@ runtime/model.py for every family; the hooks here are for what only one family d
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,14 @@ DEFAULT_LORA_TARGETS: Mapping[str, tuple[str, str]] = {
     "linear_fc1": ("mlp.linear_fc1", "column"),
     "linear_fc2": ("mlp.linear_fc2", "row"),
 }
+
+
+def spec_parts(spec: Any) -> tuple[Any, Any]:
+    """A spec's module and submodules: Megatron-Core 0.16 writes ModuleSpecs, 0.19 also
+    functools.partial(Module, submodules=...) (the MoE layer and its experts)."""
+    if isinstance(spec, functools.partial):
+        return spec.func, spec.keywords.get("submodules")
+    return getattr(spec, "module", None), getattr(spec, "submodules", None)
 
 
 def no_kwargs(model: Any) -> dict[str, Any]:

@@ -30,7 +30,10 @@ The Transformer Engine spec fuses the q/kv latent norms into the up projections
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
+
+from recipec.compiler.errors import Problem, RecipeError
 
 from .base import Rule, RuntimeFamily
 
@@ -134,8 +137,31 @@ def post_build(model: Any, _model_config: Any) -> None:
                 norm.eps = LATENT_NORM_EPS
 
 
+def _mla_puts_a_norm_on_q() -> bool:
+    """Megatron-Core 0.19's MLA (mla_qk_norm_config) turns the q projection of a model without
+    q LoRA into a fused norm+linear when qk_layernorm is on: a norm DeepSeek-V2-Lite does not have
+    (transformers: a plain q_proj). 0.16 builds the plain projection."""
+    return importlib.util.find_spec("megatron.core.transformer.mla_qk_norm_config") is not None
+
+
+def layer_spec(model: Any, ctx: Any) -> Any:
+    """The generic decoder spec, refused by name where the installed Megatron-Core cannot build the
+    model the recipe describes (MLA without q LoRA on 0.19, found running the DeepSeek HF tests on
+    0.19): a clear exit 2 instead of Megatron's ValueError, or a model with an extra norm."""
+    from ..layer_spec import decoder_spec
+
+    if model.q_lora_rank is None and _mla_puts_a_norm_on_q():
+        raise RecipeError([Problem(
+            RecipeError, "multi-latent attention without q LoRA (model.q_lora_rank unset, as DeepSeek-V2-Lite) "
+            "cannot be built on this Megatron-Core: from 0.19 its MLA puts a norm on the q projection that "
+            "the model does not have", key="model.q_lora_rank",
+            hint="use megatron-core 0.16 (what Python 3.11 installs) for this model, or a config with "
+                 "q_lora_rank set (DeepSeek-V3)")])
+    return decoder_spec(model, ctx)[0]
+
+
 FAMILIES = tuple(
     RuntimeFamily(name=name, weights=weights, checkpoint_aliases=CHECKPOINT_ALIASES, lora_targets=LORA_TARGETS,
-                  config_kwargs=config_kwargs, post_build=post_build)
+                  config_kwargs=config_kwargs, post_build=post_build, layer_spec=layer_spec)
     for name, weights in (("deepseek_v3", V3_WEIGHTS), ("deepseek_v2", V2_WEIGHTS))
 )

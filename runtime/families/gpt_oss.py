@@ -36,7 +36,7 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 
 from ..hf.mappings import Shape
 from ._decoder import COMMON, QKV_BIAS, H, L, X
-from .base import Rule, RuntimeFamily
+from .base import Rule, RuntimeFamily, spec_parts
 
 HX = H + "mlp.experts."
 
@@ -128,18 +128,10 @@ def _copying(linear: type) -> type:
     return type(f"Expert{linear.__name__}", (_CopiesBiasedOutput, linear), {})
 
 
-def _module_and_submodules(spec: Any) -> tuple[Any, Any]:
-    """A spec's module and submodules: Megatron-Core 0.16 writes a ModuleSpec, 0.19 a
-    functools.partial(Module, submodules=...) for the MoE layer and its experts."""
-    if isinstance(spec, functools.partial):
-        return spec.func, spec.keywords.get("submodules")
-    return getattr(spec, "module", None), getattr(spec, "submodules", None)
-
-
 def _fix_expert_bias(layer: Any) -> None:
-    _, layer_sub = _module_and_submodules(layer)
-    _, moe_sub = _module_and_submodules(getattr(layer_sub, "mlp", None))
-    module, sub = _module_and_submodules(getattr(moe_sub, "experts", None))
+    _, layer_sub = spec_parts(layer)
+    _, moe_sub = spec_parts(getattr(layer_sub, "mlp", None))
+    module, sub = spec_parts(getattr(moe_sub, "experts", None))
     fc2 = getattr(sub, "linear_fc2", None)
     if module is SequentialMLP and isinstance(fc2, type) and not issubclass(fc2, _CopiesBiasedOutput):
         sub.linear_fc2 = _copying(fc2)

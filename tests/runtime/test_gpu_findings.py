@@ -99,3 +99,18 @@ def test_torch_adam_keeps_its_step_on_load_outside_cpu_mode() -> None:
     done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env,
                           timeout=120)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+def test_mla_without_q_lora_is_refused_by_name_where_megatron_adds_a_q_norm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """megatron-core 0.19's MLA makes the q projection of a model without q LoRA a fused norm+linear
+    (DeepSeek-V2-Lite has no such norm); found running the DeepSeek HF tests against 0.19 on CPU.
+    Where the installed Megatron does that, the run stops with the key and a fix, before building."""
+    from recipec.compiler.errors import RecipeError
+    from recipec.runtime.families import deepseek
+
+    model = build("deepseek_v2_lite").config.model
+    assert model.q_lora_rank is None
+    monkeypatch.setattr(deepseek, "_mla_puts_a_norm_on_q", lambda: True)
+    with pytest.raises(RecipeError) as refused:
+        deepseek.layer_spec(model, None)
+    assert "model.q_lora_rank" in str(refused.value) and "megatron-core 0.16" in str(refused.value)
