@@ -19,6 +19,7 @@ from launch_helpers import clean_env, torchrun_cmd
 
 SCRIPT = """
 import json
+import sys
 import torch
 import torch.distributed as dist
 from recipec.runtime.device import activate_cpu_mode
@@ -30,7 +31,9 @@ from recipec.runtime.data import _this_cp_rank
 seq = torch.arange(16).reshape(1, 16)
 batch = {"tokens": seq, "labels": seq + 100, "loss_mask": (seq % 3 > 0).float(), "position_ids": seq.clone()}
 out = _this_cp_rank(batch)
-print("RESULT", dist.get_rank(), json.dumps({k: v.tolist() for k, v in out.items()}), flush=True)
+# one file per rank: two ranks printing to one pipe can interleave their lines
+with open(f"{sys.argv[1]}/rank{dist.get_rank()}.json", "w") as f:
+    json.dump({k: v.tolist() for k, v in out.items()}, f)
 dist.destroy_process_group()
 """
 
@@ -40,14 +43,10 @@ def test_each_cp_rank_gets_its_two_balanced_chunks(tmp_path: Path) -> None:
     script = tmp_path / "cp_split.py"
     script.write_text(SCRIPT)
     env = {**clean_env(), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(torchrun_cmd(2, str(script)), capture_output=True, text=True, env=env, timeout=150,
-                          check=False)
-    results = {}
-    for line in done.stdout.splitlines():
-        if "RESULT " in line:
-            rank, payload = line.split("RESULT ", 1)[1].split(" ", 1)
-            results[int(rank)] = json.loads(payload)
-    assert done.returncode == 0 and len(results) == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    done = subprocess.run(torchrun_cmd(2, str(script), str(tmp_path)), capture_output=True, text=True, env=env,
+                          timeout=150, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = {rank: json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)}
     chunks = {0: [0, 1, 2, 3, 12, 13, 14, 15], 1: [4, 5, 6, 7, 8, 9, 10, 11]}
     for rank, positions in chunks.items():
         got = results[rank]
