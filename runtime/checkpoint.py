@@ -38,14 +38,12 @@ from . import ckpt_manifest as manifest
 from .adam_state import prime_optimizer_state_for_load
 from .ckpt_compat import ModelChangeError
 from .ckpt_manifest import MANIFEST, verify
+from .ckpt_prune import complete_steps, prune, step_dir
 from .ckpt_save import (
     LATEST,
     CheckpointSaveError,
     DiskFullError,
     Saver,
-    complete_steps,
-    prune,
-    step_dir,
 )
 from .ckpt_state import (
     layout,
@@ -321,5 +319,6 @@ def save(root: Path, step: int, chunks: list[Any], optimizer: Any, scheduler: An
     saver = Saver(root, fingerprint, keep_last, sharding, device or torch.device("cpu"), model=model)
     saver.save(step, chunks, optimizer, scheduler)
     final = saver.finish()
+    saver.close()
     assert final is not None
     return final

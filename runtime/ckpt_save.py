@@ -52,9 +52,11 @@ import torch.distributed as dist
 from recipec.compiler.errors import RecipeError
 
 from . import ckpt_manifest as manifest
+from .ckpt_prune import Pruner, complete_steps, remove_leftovers, step_dir
 from .ckpt_state import layout, save_strategy, sharded_state
 from .ckpt_workers import BackgroundWrite, ResultBox, protected_writers
 from .logs import size as human_size
+from .pinned_staging import StagingArena, matches, staged_sizes
 
 log = logging.getLogger("recipec.runtime")
 LATEST = "latest"
@@ -68,23 +70,6 @@ class DiskFullError(RecipeError):
 
 class CheckpointSaveError(RecipeError):
     """The file system refused a checkpoint write (permissions, read-only, I/O error)."""
-
-
-def step_dir(root: Path, step: int) -> Path:
-    return root / f"iter_{step:07d}"
-
-
-def complete_steps(root: Path) -> list[int]:
-    """Steps with a renamed-into-place directory and a manifest (not checked further)."""
-    return [int(p.name[5:]) for p in root.glob("iter_*") if p.name[5:].isdigit() and (p / manifest.MANIFEST).exists()]
-
-
-def prune(root: Path, keep_last: int, newest_verified: int) -> list[int]:
-    """Delete all but the newest `keep_last` complete checkpoints, never `newest_verified`."""
-    doomed = [s for s in sorted(complete_steps(root))[:-keep_last] if s != newest_verified]
-    for s in doomed:
-        shutil.rmtree(step_dir(root, s), ignore_errors=True)
-    return doomed
 
 
 @dataclass
@@ -113,12 +98,31 @@ class Saver:
         self.root, self.fingerprint, self.keep_last, self.sharding = root, fingerprint, keep_last, sharding
         self.device, self.model, self.async_save = device, model or {}, async_save
         self.pending: _Pending | None = None
+        self.arena: StagingArena | None = None  # host memory the async saves stage into (pinned_staging)
+        self._arena_reported = False
+        self.pruner = Pruner(root, keep_last) if keep_last else None
+
+    def close(self) -> None:
+        """The end of the run: the pending checkpoint completed and old ones deleted."""
+        self.finish()
+        if self.pruner is not None:
+            self.pruner.wait()
+
+    def reserve_staging(self, chunks: list[Any], optimizer: Any, scheduler: Any) -> None:
+        """Start preparing the host memory the async saves stage into (runtime/pinned_staging.py), so
+        the first save does not pin it while training waits. Collective over data-parallel ranks."""
+        if not self.async_save or optimizer is None or self.arena is not None:
+            return
+        state = sharded_state(chunks, optimizer, scheduler, loading=False, with_optimizer=True, with_rng=False,
+                              sharding=optimizer_sharding(self.sharding, final=False))
+        self.arena = StagingArena(staged_sizes(state, save_strategy()), self.device)
 
     def save(self, step: int, chunks: list[Any], optimizer: Any, scheduler: Any, final: bool = False) -> None:
         """Write checkpoint `step` into its temporary directory; it completes at poll()/finish().
         final: the run's last save (not a stop signal's), the one `auto` sharding makes portable."""
         started = time.perf_counter()
         self.finish()
+        stage = self.arena.stage if self.arena is not None and self.arena.wait() else None
         waited = time.perf_counter() - started
         target, tmp = step_dir(self.root, step), self.root / f".tmp_iter_{step:07d}"
         self._prepare(step, tmp)
@@ -137,6 +141,7 @@ class Saver:
         write_s = 0.0
         background: BackgroundWrite | None = None
         parts: dict[str, float] = {}  # where the pause went, for the log line
+        reserved = ""
         try:
             from megatron.core import dist_checkpointing
 
@@ -146,7 +151,8 @@ class Saver:
                                                   async_sharded_save=self.async_save, **_async_strategy())
                 staged = time.perf_counter()
                 if request is not None:
-                    background = BackgroundWrite(request, tmp)
+                    background = BackgroundWrite(request, tmp, stage)
+                    reserved = self._arena_line(background.staged_sizes, sharding)
             write_s = time.perf_counter() - writing
             parts = {"waiting for the previous save": waited, "preparing": building - started - waited,
                      "building the state dict": writing - building,
@@ -168,7 +174,25 @@ class Saver:
         if background is not None and dist.get_rank() == 0:
             breakdown = ", ".join(f"{name} {secs * 1000:.0f} ms" for name, secs in parts.items() if secs >= 0.0005)
             log.info(f"saving checkpoint step {step} in the background to {tmp}: training paused "
-                     f"{stall * 1000:.0f} ms ({breakdown})")
+                     f"{stall * 1000:.0f} ms ({breakdown}){reserved}")
+
+    def _arena_line(self, staged: list[int], sharding: str) -> str:
+        """Once, at the first async save after reserve_staging(): how much of what it staged found its
+        slice in the arena (the tail of rank 0's log line; a mismatch warns on any rank)."""
+        a = self.arena
+        if a is None or self._arena_reported or sharding != optimizer_sharding(self.sharding, final=False):
+            return ""  # a final save stages another format: nothing to compare
+        self._arena_reported = True
+        covered = matches(a.sizes, staged) if a.region is not None else 0
+        unused = len(a.sizes) - covered
+        kind = "pinned" if a.pinned else "unpinned (no GPU)" if not a.register else "UNPINNED"
+        what = f"{human_size(a.nbytes)} of {kind} host memory prepared ahead in {a.seconds:.1f} s"
+        tally = f"covering {covered} of {len(staged)} staged tensors, {unused} unused"
+        if covered < len(staged) or unused or a.error is not None:
+            failed = f", failed: {a.error}" if a.error is not None else ""
+            log.warning(f"rank {dist.get_rank()}: the host memory for async saves ({what}{failed}) did not match "
+                        f"the save: {tally}; the rest was staged as Megatron stages it")
+        return f"; staged into {what}, {tally}"
 
     def poll(self) -> Path | None:
         """Complete the pending checkpoint if every rank has hashed its files (one small all-reduce)."""
@@ -241,8 +265,8 @@ class Saver:
         """`latest` and pruning: the checkpoint is already complete, so a failure here only warns."""
         try:
             manifest.write_durably(self.root / LATEST, f"{step}\n")
-            if self.keep_last:
-                prune(self.root, self.keep_last, newest_verified=step)
+            if self.pruner is not None:
+                self.pruner.prune(newest_verified=step)  # renamed away now, deleted in the background
         except OSError as exc:
             log.warning(f"checkpoint {step_dir(self.root, step)} is complete, but updating {LATEST} or pruning "
                         f"failed: {exc}")
@@ -257,13 +281,15 @@ class Saver:
                 steps = sorted(complete_steps(self.root))
                 need = manifest.total_bytes(step_dir(self.root, steps[-1])) if steps else None
                 free = _free_bytes(self.root)
+                if need and free < need and self.pruner is not None and self.pruner.reclaiming():
+                    self.pruner.wait()  # short of space while pruned checkpoints are being deleted
+                    free = _free_bytes(self.root)
                 if need and free < need:
                     message[0] = "full:" + _full_message(self.root, step, free, need, removed=None)
                 else:
-                    # No save is pending and the run lock keeps other runs out: any .tmp_iter_* is
-                    # left over from a run that died mid-save and only takes space.
-                    for stale in self.root.glob(".tmp_iter_*"):
-                        shutil.rmtree(stale, ignore_errors=True)
+                    # No save is pending and the run lock keeps other runs out: any .tmp_iter_* or
+                    # .pruning_iter_* is left over from a run that died mid-save or mid-prune.
+                    remove_leftovers(self.root)
                     tmp.mkdir()
             except OSError as exc:
                 message[0] = (f"io:cannot write checkpoints under {self.root}: {os.strerror(exc.errno or 0)} "

@@ -42,12 +42,13 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .ckpt_manifest import hash_files
+from .pinned_staging import bucket_sizes
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 _PR_SET_PDEATHSIG = 1
@@ -194,17 +195,23 @@ class BackgroundWrite:
     inside protected_writers(), the writer ignores stop signals and dies with its rank.
     """
 
-    def __init__(self, request: Any, directory: Path) -> None:
+    def __init__(self, request: Any, directory: Path, stage: Callable[[list[Any]], list[Any]] | None = None) -> None:
+        """stage: copies the write buckets' tensors to host memory in place of Megatron's preload
+        (pinned_staging.StagingArena.stage)."""
         self.finalize_fns: list[Any] = list(request.finalize_fns)
         self.report: WriteReport | None = None
         self.process: Any = None
         self.box: ResultBox | None = None
+        self.staged_sizes: list[int] = []  # bytes of each tensor staged for the writer (pinned_staging)
         if request.async_fn is None:  # nothing of this rank's to write
             self.report = WriteReport()
             return
         args = list(request.async_fn_args)
-        if request.preload_fn is not None:
-            args[1] = request.preload_fn()  # the staging (D2H) copy: part of the stall
+        if stage is not None:
+            args[1] = stage(args[1])  # the staging (D2H) copy: part of the stall
+        elif request.preload_fn is not None:
+            args[1] = request.preload_fn()
+        self.staged_sizes = bucket_sizes(args[1])
         self.box = args[2]
         names = [bucket[1] for bucket in args[1]]
         context = mp.get_context("fork")

@@ -168,6 +168,8 @@ def train(t: Trainer) -> None:
             pending.append((step, local_metrics(outputs, names, device), t.optimizer.param_groups[0]["lr"], norm, ok))
             if step == start_step + 1:
                 _startup_report(t, step, step_start, rank0)
+                if t.saver is not None and _periodic_save_ahead(step, ck.save_interval, c.train.train_iters):
+                    t.saver.reserve_staging(t.chunks, t.optimizer, t.scheduler)  # off the first save's stall
             if c.train.cuda_graph != "none" and step == start_step + c.train.cuda_graph_warmup_steps + 2:
                 captured = cuda_graphs_captured(c.train.cuda_graph)
                 log.info(f"CUDA graphs ({c.train.cuda_graph}) {'captured and replaying' if captured else 'NOT captured: eager'}"
@@ -204,6 +206,12 @@ def train(t: Trainer) -> None:
                 log.info(f"stopping at step {step} on signal {t.stop.received or 'from another rank'}; "
                          f"{'checkpoint saved' if ck.save else 'no checkpoint.save configured'}")
     t.step = step
+
+
+def _periodic_save_ahead(step: int, interval: int | None, train_iters: int) -> bool:
+    """Whether a periodic save comes at or after `step` and before the last step (whose final save
+    stages another format): only then is pinned staging memory worth reserving."""
+    return bool(interval) and -(-step // interval) * interval < train_iters
 
 
 def _startup_report(t: Trainer, step: int, step_start: float, rank0: bool) -> None:

@@ -232,7 +232,7 @@ def run(artifact: Artifact, main_start: float | None = None) -> int:
     train(Trainer(config=c, plan=plan, device=device, chunks=ddp_chunks, optimizer=optimizer, scheduler=scheduler,
                   mode=mode, saver=saver, meter=meter, profiler=profiler, stop=stop, timer=timer, step=step))
     if saver is not None:
-        saver.finish()
+        saver.close()  # the last checkpoint complete, pruned ones deleted
     meter.close()
     profiler.close()
     dist.barrier()

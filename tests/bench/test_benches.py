@@ -7,6 +7,7 @@ start_bench end to end (real `recipec launch` runs of the tiny recipe). ~2 min o
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -138,7 +139,11 @@ def test_ckpt_bench_smoke(tmp_path: Path) -> None:
         assert case["saves"][0]["stall_total_s"] is not None and case["saves"][1]["stall_total_s"] is None
         assert case["resume"]["step"] == 6 and case["resume"]["load_s"] is not None
         assert case["summary"]["vs_dd"] > 0
+        assert case["summary"]["final_save_to_complete_s"] > 0 and case["summary"]["reserve_cost_s"] is not None
     assert "| tiny | off |" in proc.stdout and "| tiny | on |" in proc.stdout
+    # the async run planned the first save's staging memory ahead (runtime/pinned_staging.py), exactly
+    train_log = (tmp_path / "out" / "ckpt_bench_tiny-async_train.log").read_text()
+    assert re.search(r"staged into .*, covering (\d+) of \1 staged tensors, 0 unused", train_log), train_log[-3000:]
 
 
 @pytest.mark.timeout(300)

@@ -45,6 +45,7 @@ COMMON = ("checkpoint.async_save=true", "scheduler.lr_decay_iters=10", "logging.
           "optimizer.use_distributed_optimizer=true")
 SAVING = re.compile(r"saving checkpoint step (\d+) in the background to \S+: training paused (\d+) ms")
 SAVED = re.compile(r"saved checkpoint \S+iter_(\d+) \([\d.]+ \w+, written in the background at [\d.]+ \w+/s")
+RESERVED = re.compile(r"saving checkpoint step 5 .*; staged into .*, covering (\d+) of \1 staged tensors, 0 unused")
 PARALLEL_LOAD = re.compile(r"parallel load over 2 data-parallel ranks: each read its share of [\d.]+ \w+ of tensors "
                            r"\((\d+)%, (\d+)%\)")
 
@@ -156,6 +157,9 @@ def reference(root: Path) -> Run:
     assert [int(m.group(1)) for m in SAVING.finditer(output)] == [5, 10, 15], output[-4000:]
     assert [int(m.group(1)) for m in SAVED.finditer(output)] == [5, 10, 15], output[-4000:]
     assert run.latest() == 15
+    # Each DP rank planned its own share of the first save's staging memory ahead, exactly as Megatron
+    # then distributed the save (runtime/pinned_staging.py; a mismatch on any rank warns).
+    assert RESERVED.search(output) and "did not match the save" not in output, output[-4000:]
     for step in (5, 10, 15):
         _complete(run, step)
     return run

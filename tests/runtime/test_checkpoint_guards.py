@@ -70,6 +70,31 @@ def test_pruning_keeps_the_newest_and_never_the_newest_verified(tmp_path: Path) 
     assert [p.name for p in bad_checkpoints(tmp_path)] == ["iter_0000015.bad"]
 
 
+def test_background_pruning_retires_at_once_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    """The doomed checkpoint leaves the resume candidates before prune() returns (a rename), its
+    files go in a child process (argv, no shell: the path is the recipe's), and what a crash
+    mid-delete leaves is removed by the next save."""
+    pytest.importorskip("megatron.core")
+    from recipec.runtime.ckpt_prune import Pruner, complete_steps, remove_leftovers
+
+    root = tmp_path / "-ck pt;$(touch pwned)`touch pwned2`'\"*"  # a checkpoint.save a recipe may hold
+    for step in (5, 10, 20):
+        _checkpoint(root / f"iter_{step:07d}", step, {"f": b"1" * 4096})
+    pruner = Pruner(root, keep_last=1)
+    assert pruner.prune(newest_verified=20) == [5, 10]
+    assert sorted(complete_steps(root)) == [20]  # already, whatever the deleting process has done
+    pruner.wait()
+    assert pruner.reclaiming() == 0
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000020"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [root.name]  # nothing ran from the path
+    # a prune killed mid-delete, and a save killed mid-write
+    (root / ".pruning_iter_0000015").mkdir()
+    (root / ".pruning_iter_0000015" / "__0_0.distcp").write_bytes(b"x")
+    (root / ".tmp_iter_0000025").mkdir()
+    remove_leftovers(root)
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000020"]
+
+
 def test_a_relaunch_with_only_bad_checkpoints_stops_instead_of_starting_over(tmp_path: Path, mcore_tp1: None) -> None:
     from recipec.runtime.checkpoint import (
         CheckpointUnusableError,
@@ -171,3 +196,16 @@ def _running(pid: int) -> bool:
     except FileNotFoundError:
         return False
 
+
+
+def test_staging_memory_is_prepared_only_when_a_periodic_save_comes() -> None:
+    """After the first step the Saver prepares the async saves' host memory (pinned_staging), unless
+    the run's only save left is its final one (which stages another format)."""
+    pytest.importorskip("megatron.core")
+    from recipec.runtime.loop import _periodic_save_ahead
+
+    assert _periodic_save_ahead(1, 5, 12)  # saves at 5 and 10 come before the last step
+    assert _periodic_save_ahead(5, 5, 12)  # step 5 itself saves
+    assert not _periodic_save_ahead(11, 5, 12)
+    assert not _periodic_save_ahead(1, 12, 12)  # the only save is the final one
+    assert not _periodic_save_ahead(1, None, 12)
