@@ -19,10 +19,16 @@
 #   bash bench/gpu_session.sh g    # needs only megatron-core (no TE build): the first async save's pinned
 #                                  # allocation, PyTorch's default vs cudaHostRegister in 8 threads (1b,
 #                                  # 3 saves, resume); then `h`: the 8b shape after the writer fix
+#   bash bench/gpu_session.sh i    # megatron-core only: 1b and 8b async saves with the first save's
+#                                  # pinned memory reserved ahead (g showed registering does not help)
+#   bash bench/gpu_session.sh j    # pinned_alloc_bench (ways to pin, and their cost to training), then
+#                                  # 1b async saves with pruning off the training thread
+#   bash bench/gpu_session.sh k    # the same with the shared-mapping variant and a forked reader, and 1b
+#                                  # staged into runtime/pinned_staging.StagingArena
 #
 # Everything lands under $OUT/<phase>/ (JSON, logs); each chain's table is printed last.
 set -u
-phase=${1:?phase a, b, c, d, e, f, g or h}
+phase=${1:?phase a, b, c, d, e, f, g, h, i, j or k}
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 out=${OUT:-/tmp/out}/$phase
 mkdir -p "$out"
@@ -109,5 +115,28 @@ g|h)  # needs megatron-core only: pip install --no-deps --target /tmp/site .te/e
     echo "== $shape $variant: exit $?"; tail -n 6 "$out/$variant.log" | cut -c1-700
     grep -h "saving checkpoint\|saved checkpoint\|resumed from" "$out/$variant"/*.log | cut -c1-400
   done ;;
-*) echo "phase a, b, c, d, e, f, g or h"; exit 2 ;;
+i)  # after g: the first save's pinned memory reserved during the first steps (runtime/pinned_staging.py)
+  for spec in "1b 12 260" "8b 20 290"; do
+    set -- $spec
+    timeout -k 10 "$3" python3 bench/ckpt_bench.py --shapes "$1" --modes async --saves 3 --save-interval "$2" \
+      --dir /tmp --out "$out/$1" --timeout-s $(($3 - 30)) --override launch.accelerator=$acc >"$out/$1.log" 2>&1
+    echo "== $1: exit $?"; tail -n 8 "$out/$1.log" | cut -c1-900
+    grep -h "saving checkpoint\|saved checkpoint\|resumed from\|did not match" "$out/$1"/*.log | cut -c1-500
+  done ;;
+j)  # after i: how pinning can be done (alone and beside a matmul loop); 1b again with pruning off the loop
+  timeout -k 10 150 python3 bench/pinned_alloc_bench.py --gib 8 --json "$out/pinned_alloc.json" >"$out/pinned.log" 2>&1
+  echo "== pinned_alloc_bench: exit $?"; tail -n 9 "$out/pinned.log"
+  timeout -k 10 270 python3 bench/ckpt_bench.py --shapes 1b --modes async --saves 3 --save-interval 12 --dir /tmp \
+    --out "$out/1b" --timeout-s 240 --override launch.accelerator=$acc >"$out/1b.log" 2>&1
+  echo "== 1b: exit $?"; tail -n 8 "$out/1b.log" | cut -c1-900
+  grep -h "saving checkpoint\|saved checkpoint\|resumed from\|did not match" "$out/1b"/*.log | cut -c1-500 ;;
+k)  # after j: pinning incl. the arena's shared mapping and a forked reader; 1b staged into the arena
+  timeout -k 10 100 python3 bench/pinned_alloc_bench.py --gib 8 --json "$out/pinned_alloc.json" >"$out/pinned.log" 2>&1
+  echo "== pinned_alloc_bench: exit $?"; tail -n 11 "$out/pinned.log"
+  timeout -k 10 270 python3 bench/ckpt_bench.py --shapes 1b --modes async --saves 3 --save-interval 12 --dir /tmp \
+    --out "$out/1b" --timeout-s 240 --override launch.accelerator=$acc >"$out/1b.log" 2>&1
+  echo "== 1b: exit $?"; tail -n 8 "$out/1b.log" | cut -c1-900
+  grep -h "saving checkpoint\|saved checkpoint\|resumed from\|did not match" "$out/1b"/*.log | cut -c1-500
+  grep -h "step 3[4-8]/" "$out/1b"/*.log | cut -c1-90 ;;
+*) echo "phase a, b, c, d, e, f, g, h, i, j or k"; exit 2 ;;
 esac
