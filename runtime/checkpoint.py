@@ -46,6 +46,7 @@ from .ckpt_save import (
     Saver,
 )
 from .ckpt_state import (
+    PeerLoadError,
     layout,
     load_strategy,
     restore_rng,
@@ -240,16 +241,19 @@ def _try_load(load: _Load, chunks: list[Any], optimizer: Any, scheduler: Any,
     step: int | None = None
     schedule = ""
     started = time.perf_counter()
+    peer: str | None = None  # this rank read its share; another rank's failure is the news
     try:
         step, schedule = _load(load, chunks, optimizer, scheduler)
     except LayoutChangeError as exc:
         local = f"layout:{exc}"
+    except PeerLoadError as exc:
+        peer = str(exc)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - any failure (CheckpointException is a BaseException)
         local = _describe(exc)
     loaded_s = time.perf_counter() - started
-    problem = _agree(local)
+    problem = _agree(local) or peer
     meta = load.meta
     if problem is not None:
         if "layout:" in problem:

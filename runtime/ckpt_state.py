@@ -89,9 +89,45 @@ def load_strategy(directory: str) -> ParallelLoad | None:
     torch.cuda.*, not tensor methods)."""
     if parallel_state.get_data_parallel_world_size(with_context_parallel=True) == 1:
         return None
-    exchange = "broadcast" if torch.cuda.is_available() else "gather_object"
-    return ParallelLoad(get_default_load_sharded_strategy(directory),
-                        parallel_state.get_data_parallel_group(with_context_parallel=True), exchange_algo=exchange)
+    on_gpu = torch.cuda.is_available()
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    base = _failing_together(get_default_load_sharded_strategy(directory), group, device)
+    return ParallelLoad(base, group, exchange_algo="broadcast" if on_gpu else "gather_object")
+
+
+class PeerLoadError(RuntimeError):
+    """Raised on the ranks whose own share loaded when another rank's share did not."""
+
+
+def _failing_together(strategy: Any, group: Any, device: torch.device) -> Any:
+    """`strategy` with a load() that fails on every rank of `group` when it fails on one.
+
+    In a fully parallel load each rank reads its share, then all exchange what they read. Megatron-
+    Core 0.16's read went through torch DCP's collective load, so a rank's read error was every
+    rank's; 0.19 reads with `no_dist=True`, so the rank whose file was damaged raised while the
+    others went on into the exchange and waited for it forever (a DP=2 resume of a checkpoint with
+    one broken file hung). One all-reduce of a flag after each read restores the agreement."""
+    read = strategy.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        error: BaseException | None = None
+        try:
+            result = read(*args, **kwargs)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - torch DCP's CheckpointException is a BaseException
+            error = exc
+        failed = torch.tensor([0.0 if error is None else 1.0], device=device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
+        if error is not None:
+            raise error
+        if failed.item():
+            raise PeerLoadError("another data-parallel rank could not read its share of the checkpoint")
+        return result
+
+    strategy.load = load
+    return strategy
 
 
 def _rng_state() -> ShardedObject:
