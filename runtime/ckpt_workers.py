@@ -188,11 +188,12 @@ class BackgroundWrite:
     all-reduces a CUDA tensor, so it cannot run on CPU. The request itself (Megatron's
     `save(..., async_sharded_save=True)`) is the same in 0.16 and 0.19.
 
-    Why a fork, as Megatron's TemporalAsyncCaller does, rather than a thread: the staged tensors
-    (`preload_fn`: a copy to pinned host memory on GPU; on CPU the parameters themselves) are
-    frozen by the fork (copy-on-write), so the optimizer steps that follow cannot tear the
-    checkpoint; and the writer processes are forked from a single-threaded process. Started
-    inside protected_writers(), the writer ignores stop signals and dies with its rank.
+    Why a fork, as Megatron's TemporalAsyncCaller does, rather than a thread: the writer never
+    reads live training state. The staged tensors are copies (pinned_staging.StagingArena's shared
+    slices, which the rank writes again only at the next save, after this writer has finished; or
+    Megatron's preload), and anything else is frozen by the fork (copy-on-write); the writer
+    processes are forked from a single-threaded process. Started inside protected_writers(), the
+    writer ignores stop signals and dies with its rank.
     """
 
     def __init__(self, request: Any, directory: Path, stage: Callable[[list[Any]], list[Any]] | None = None) -> None:
