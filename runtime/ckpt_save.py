@@ -31,18 +31,16 @@ each DP rank writes its share of the DP-replicated tensors instead of DP rank 0 
 Every failure is agreed on by all ranks (one all-reduce of a flag), so a failure on one rank
 cannot leave the others waiting in a collective or continuing alone. A full disk (ENOSPC or
 EDQUOT anywhere in the exception chain, a failing probe write, or less free space than the
-previous checkpoint took) is reported as "disk full at <path>" (exit 2), the partial directory
-is removed, and the previous checkpoint is untouched.
+previous checkpoint took; runtime/ckpt_disk.py) is reported as "disk full at <path>" (exit 2),
+the partial directory is removed, and the previous checkpoint is untouched.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +50,14 @@ import torch.distributed as dist
 from recipec.compiler.errors import RecipeError
 
 from . import ckpt_manifest as manifest
+from .ckpt_disk import (
+    free_bytes,
+    full_message,
+    os_error,
+    probe_full,
+    says_disk_full,
+    tree_bytes,
+)
 from .ckpt_prune import Pruner, complete_steps, remove_leftovers, step_dir
 from .ckpt_state import layout, save_strategy, sharded_state
 from .ckpt_workers import BackgroundWrite, ResultBox, protected_writers
@@ -60,8 +66,6 @@ from .pinned_staging import StagingArena, matches, staged_sizes
 
 log = logging.getLogger("recipec.runtime")
 LATEST = "latest"
-_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
 
 
 class DiskFullError(RecipeError):
@@ -280,12 +284,12 @@ class Saver:
                 self.root.mkdir(parents=True, exist_ok=True)
                 steps = sorted(complete_steps(self.root))
                 need = manifest.total_bytes(step_dir(self.root, steps[-1])) if steps else None
-                free = _free_bytes(self.root)
+                free = free_bytes(self.root)
                 if need and free < need and self.pruner is not None and self.pruner.reclaiming():
                     self.pruner.wait()  # short of space while pruned checkpoints are being deleted
-                    free = _free_bytes(self.root)
+                    free = free_bytes(self.root)
                 if need and free < need:
-                    message[0] = "full:" + _full_message(self.root, step, free, need, removed=None)
+                    message[0] = "full:" + full_message(self.root, step, free, need, removed=None)
                 else:
                     # No save is pending and the run lock keeps other runs out: any .tmp_iter_* or
                     # .pruning_iter_* is left over from a run that died mid-save or mid-prune.
@@ -309,17 +313,17 @@ class Saver:
             return
         verdict: list[str | None] = [None]
         if dist.get_rank() == 0:
-            full = full or _probe_full(tmp if tmp.is_dir() else self.root)
+            full = full or probe_full(tmp if tmp.is_dir() else self.root)
             steps = sorted(complete_steps(self.root))
             need = manifest.total_bytes(step_dir(self.root, steps[-1])) if steps else None
-            free = _free_bytes(self.root) + _tree_bytes(tmp)
+            free = free_bytes(self.root) + tree_bytes(tmp)
             full = full or bool(need and free < need)
             shutil.rmtree(tmp, ignore_errors=True)
             if full:
-                verdict[0] = "full:" + _full_message(self.root, step, _free_bytes(self.root), need, removed=tmp)
-            elif (os_error := _os_error(error)) is not None:
+                verdict[0] = "full:" + full_message(self.root, step, free_bytes(self.root), need, removed=tmp)
+            elif (cause := os_error(error)) is not None:
                 verdict[0] = (f"io:could not write checkpoint step {step} under {self.root}: "
-                              f"{os.strerror(os_error.errno or 0)} ({os_error.filename or tmp}); removed the "
+                              f"{os.strerror(cause.errno or 0)} ({cause.filename or tmp}); removed the "
                               f"partial {tmp.name}, earlier checkpoints are untouched")
         _broadcast(verdict)
         if verdict[0]:
@@ -357,64 +361,6 @@ def _async_saved_line(p: _Pending, size: int, write_s: float, hash_s: float) -> 
 def _broadcast(box: list[Any]) -> None:
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(box, src=0)
-
-
-def _chain(exc: BaseException | None) -> Iterator[BaseException]:
-    """exc, its causes and contexts, and the per-rank failures a torch DCP CheckpointException carries."""
-    stack, seen = [exc], set()
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        yield e
-        stack += [e.__cause__, e.__context__, *(a for a in e.args if isinstance(a, BaseException))]
-        failures = getattr(e, "failures", None)
-        if isinstance(failures, dict):
-            for value in failures.values():
-                stack += [x for x in (value if isinstance(value, tuple) else (value,)) if isinstance(x, BaseException)]
-
-
-def says_disk_full(exc: BaseException | None) -> bool:
-    return any((isinstance(e, OSError) and e.errno in _FULL_ERRNOS) or any(t in str(e) for t in _FULL_TEXT)
-               for e in _chain(exc))
-
-
-def _os_error(exc: BaseException | None) -> OSError | None:
-    return next((e for e in _chain(exc) if isinstance(e, OSError) and e.errno), None)
-
-
-def _free_bytes(path: Path) -> int:
-    """Bytes this process may still write there (root may use the reserved blocks)."""
-    st = os.statvfs(path)
-    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
-
-
-def _tree_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
-
-
-def _probe_full(directory: Path) -> bool:
-    """Whether writing 1 MiB there fails with ENOSPC/EDQUOT (quota is invisible to statvfs)."""
-    probe = directory / ".recipec_space_probe"
-    try:
-        with open(probe, "wb") as f:
-            f.write(b"\0" * (1 << 20))
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as exc:
-        return exc.errno in _FULL_ERRNOS
-    finally:
-        probe.unlink(missing_ok=True)
-    return False
-
-
-def _full_message(root: Path, step: int, free: int, need: int | None, removed: Path | None) -> str:
-    size = f"; the last checkpoint took {need / 2**20:.1f} MiB" if need else ""
-    gone = f"; removed the partial {removed.name}" if removed is not None else ""
-    return (f"disk full at {root}: checkpoint step {step} does not fit ({free / 2**20:.1f} MiB free{size}){gone}; "
-            f"earlier checkpoints are untouched\n   hint: free space there, lower checkpoint.keep_last, or point "
-            "checkpoint.save at a larger file system, then relaunch to resume from the last complete checkpoint")
 
 
 def optimizer_sharding(setting: str, final: bool) -> str:

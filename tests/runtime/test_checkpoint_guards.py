@@ -112,7 +112,7 @@ def test_a_relaunch_with_only_bad_checkpoints_stops_instead_of_starting_over(tmp
 
 def test_a_full_disk_is_recognised_anywhere_in_the_cause_chain() -> None:
     pytest.importorskip("megatron.core")
-    from recipec.runtime.ckpt_save import says_disk_full
+    from recipec.runtime.ckpt_disk import says_disk_full
     from torch.distributed.checkpoint.api import CheckpointException
 
     full = OSError(errno.ENOSPC, "No space left on device")
