@@ -62,7 +62,13 @@ from .ckpt_prune import Pruner, complete_steps, remove_leftovers, step_dir
 from .ckpt_state import layout, save_strategy, sharded_state
 from .ckpt_workers import BackgroundWrite, ResultBox, protected_writers
 from .logs import size as human_size
-from .pinned_staging import StagingArena, matches, staged_sizes
+from .pinned_staging import (
+    StagingArena,
+    available_memory,
+    matches,
+    room_for,
+    staged_sizes,
+)
 
 log = logging.getLogger("recipec.runtime")
 LATEST = "latest"
@@ -119,7 +125,14 @@ class Saver:
             return
         state = sharded_state(chunks, optimizer, scheduler, loading=False, with_optimizer=True, with_rng=False,
                               sharding=optimizer_sharding(self.sharding, final=False))
-        self.arena = StagingArena(staged_sizes(state, save_strategy()), self.device)
+        sizes = staged_sizes(state, save_strategy())
+        ranks_here, available = int(os.environ.get("LOCAL_WORLD_SIZE") or 1), available_memory()
+        if room_for(sum(sizes), ranks_here, available):
+            self.arena = StagingArena(sizes, self.device)
+        elif dist.get_rank() == 0:
+            log.warning(f"not preparing {human_size(sum(sizes))} of host memory per rank for async saves: "
+                        f"{ranks_here} rank(s) here, {human_size(available or 0)} available; each save "
+                        "stages as Megatron does (the first one pins its memory while training waits)")
 
     def save(self, step: int, chunks: list[Any], optimizer: Any, scheduler: Any, final: bool = False) -> None:
         """Write checkpoint `step` into its temporary directory; it completes at poll()/finish().

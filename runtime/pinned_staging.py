@@ -25,6 +25,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,6 +55,25 @@ def staged_sizes(state: dict[str, Any], strategy: Any) -> list[int]:
 def bucket_sizes(buckets: Iterable[Any]) -> list[int]:
     """Bytes of each tensor in Megatron's write buckets `(file, key, (bytes_data, tensor_data))`."""
     return sorted(tensor.numel() * tensor.element_size() for _, _, (_, tensors) in buckets for _, tensor in tensors)
+
+
+def room_for(per_rank: int, ranks_here: int, available: int | None) -> bool:
+    """Whether this node's ranks can each hold `per_rank` bytes of staging memory within 80% of the
+    memory the kernel reports available (None: unknown, assume so). Touching more than there is
+    would bring the OOM killer mid-run; declining leaves the first save to pin its memory, which
+    fails with an error instead."""
+    return available is None or per_rank * max(ranks_here, 1) <= 0.8 * available
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes (None where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def matches(reserved: list[int], staged: list[int]) -> int:

@@ -209,3 +209,17 @@ def test_staging_memory_is_prepared_only_when_a_periodic_save_comes() -> None:
     assert not _periodic_save_ahead(11, 5, 12)
     assert not _periodic_save_ahead(1, 12, 12)  # the only save is the final one
     assert not _periodic_save_ahead(1, None, 12)
+
+
+def test_staging_memory_is_not_prepared_beyond_what_the_node_has() -> None:
+    """Every rank of the node holds its share; touching more than 80% of the available memory would
+    bring the OOM killer, so the Saver declines and the saves stage as Megatron does."""
+    pytest.importorskip("megatron.core")
+    from recipec.runtime.pinned_staging import available_memory, room_for
+
+    gib = 2**30
+    assert room_for(16 * gib, 1, 100 * gib)
+    assert not room_for(16 * gib, 8, 100 * gib)  # 128 GiB for 8 ranks of one node
+    assert room_for(10 * gib, 8, 100 * gib)
+    assert room_for(16 * gib, 8, None)  # no /proc/meminfo: as before, the save pins what it needs
+    assert available_memory() is None or available_memory() > 0
