@@ -322,7 +322,6 @@ def save(root: Path, step: int, chunks: list[Any], optimizer: Any, scheduler: An
     optimizer None: the weights only (hf-to-mcore); model: the manifest's model record (Saver)."""
     saver = Saver(root, fingerprint, keep_last, sharding, device or torch.device("cpu"), model=model)
     saver.save(step, chunks, optimizer, scheduler)
-    final = saver.finish()
-    saver.close()
+    final = saver.close()
     assert final is not None
     return final

@@ -112,11 +112,12 @@ class Saver:
         self._arena_reported = False
         self.pruner = Pruner(root, keep_last) if keep_last else None
 
-    def close(self) -> None:
-        """The end of the run: the pending checkpoint completed and old ones deleted."""
-        self.finish()
+    def close(self) -> Path | None:
+        """The end of the run: the pending checkpoint completed (its path) and old ones deleted."""
+        completed = self.finish()
         if self.pruner is not None:
             self.pruner.wait()
+        return completed
 
     def reserve_staging(self, chunks: list[Any], optimizer: Any, scheduler: Any) -> None:
         """Start preparing the host memory the async saves stage into (runtime/pinned_staging.py), so
@@ -158,7 +159,7 @@ class Saver:
         write_s = 0.0
         background: BackgroundWrite | None = None
         parts: dict[str, float] = {}  # where the pause went, for the log line
-        reserved = ""
+        arena_note = ""  # the first save says how the staging arena fared
         try:
             from megatron.core import dist_checkpointing
 
@@ -169,7 +170,7 @@ class Saver:
                 staged = time.perf_counter()
                 if request is not None:
                     background = BackgroundWrite(request, tmp, stage)
-                    reserved = self._arena_line(background.staged_sizes, sharding)
+                    arena_note = self._arena_line(background.staged_sizes, sharding)
             write_s = time.perf_counter() - writing
             parts = {"waiting for the previous save": waited, "preparing": building - started - waited,
                      "building the state dict": writing - building,
@@ -191,7 +192,7 @@ class Saver:
         if background is not None and dist.get_rank() == 0:
             breakdown = ", ".join(f"{name} {secs * 1000:.0f} ms" for name, secs in parts.items() if secs >= 0.0005)
             log.info(f"saving checkpoint step {step} in the background to {tmp}: training paused "
-                     f"{stall * 1000:.0f} ms ({breakdown}){reserved}")
+                     f"{stall * 1000:.0f} ms ({breakdown}){arena_note}")
 
     def _arena_line(self, staged: list[int], sharding: str) -> str:
         """Once, at the first async save after reserve_staging(): how much of what it staged found its
